@@ -1,0 +1,55 @@
+"""The evaluator interface: frozen features in, metric rows out.
+
+An evaluator declares which features it needs (block, token, raw/normed) as :class:`FeatureRequest`s; the runner
+extracts them once (cached) and hands them over. The math lives in ``sslbench.evaluators`` (functions on tensors);
+a registered evaluator is a thin wrapper that maps options and names the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .options import Option
+
+
+@dataclass(frozen=True)
+class Split:
+    """Features of one split: ``features[request] -> (N, D)`` and labels (N,)."""
+
+    features: dict
+    labels: torch.Tensor
+
+
+@dataclass
+class MetricValue:
+    """One result: ``metric`` (e.g. ``top1``), ``variant`` (e.g. ``k=20,b11.cls.normed``), ``value``.
+
+    ``selection_split`` names the data that chose any hyperparameter (``"none"`` when nothing was selected).
+    """
+
+    metric: str
+    value: float
+    variant: str = ""
+    selection_split: str = "none"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Evaluator:
+    """Base class of evaluators. Subclasses set ``name`` and ``options`` and implement the two methods."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    options: ClassVar[dict[str, Option]] = {}
+
+    def __init__(self, opts: dict[str, Any]):
+        self.opts = dict(opts)
+
+    def requests(self, depth: int) -> list:
+        """The :class:`sslbench.features.FeatureRequest`s this evaluation needs, for a backbone of ``depth`` blocks."""
+        raise NotImplementedError
+
+    def evaluate(self, train: Split, test: Split) -> list[MetricValue]:
+        raise NotImplementedError
