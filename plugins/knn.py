@@ -1,0 +1,56 @@
+"""k-NN evaluation (DINO style): cosine similarity, the k nearest training samples vote with weight exp(sim/τ).
+
+MIM-Refiner first standardises every feature dimension with the training set's statistics (``standardize``).
+The math is :func:`sslbench.evaluators.knn`; this plugin maps recipe options to it and names the rows.
+
+    [[eval]]
+    name = "knn"
+    k = [10, 20]
+    temperature = 0.07
+"""
+
+from __future__ import annotations
+
+import sslbench
+from sslbench.evaluator import Evaluator, MetricValue
+from sslbench.evaluators import knn
+from sslbench.features import FeatureRequest
+from sslbench.options import Option
+
+FEATURE_OPTIONS = {
+    "block": Option(-1, int, "block whose tokens are used (-1: the last)"),
+    "token": Option("cls", str, "which token(s)", choices=("cls", "mean", "cls+mean")),
+    "norm": Option("normed", str, "after the final norm or the raw residual stream", choices=("normed", "raw")),
+}
+
+
+class KNN(Evaluator):
+    name = "knn"
+    description = "weighted k-nearest-neighbour accuracy on frozen features"
+    options = {
+        "k": Option([10, 20], list, "numbers of neighbours", item_type=int, min=1),
+        "temperature": Option(0.07, float, "vote weight exp(sim/τ)", min=0, min_exclusive=True),
+        "standardize": Option(False, bool, "standardise each dimension with the training mean/std first"),
+        **FEATURE_OPTIONS,
+    }
+
+    def requests(self, depth):
+        self.request = FeatureRequest(self.opts["block"] % depth, self.opts["token"], self.opts["norm"])
+        return [self.request]
+
+    def evaluate(self, train, test):
+        request = self.request
+        scores = knn(train.features[request], train.labels, test.features[request], test.labels,
+                     k=tuple(self.opts["k"]), temperature=self.opts["temperature"],
+                     standardize=self.opts["standardize"])
+        suffix = f"{request}" + (",std" if self.opts["standardize"] else "")
+        rows = []
+        for key, value in scores.items():
+            metric, _, k = key.partition("@")
+            rows.append(MetricValue(metric=metric, value=value, variant=f"{k},{suffix}"))
+        return rows
+
+
+@sslbench.hookimpl
+def register_evaluators(register):
+    register("knn", KNN)

@@ -1,0 +1,113 @@
+"""MAE — masked autoencoder pre-training (He et al. 2021, arXiv 2111.06377).
+
+The encoder sees a random 25% of the patch tokens (plus CLS); a light decoder with its own width, depth and fixed
+sin-cos position embedding re-inserts mask tokens and predicts the pixels of every patch; the loss is the MSE on
+the masked patches only, against per-patch normalised pixels (``norm_pix_loss``). The random masking is drawn from
+the step's keyed random streams, so it depends only on (seed, step, sample).
+
+    [[stages]]
+    objective = "mae"
+    [stages.options]
+    mask_ratio = 0.75
+    decoder_dim = 512
+    decoder_depth = 8
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+import sslbench
+from sslbench.backbone import sincos_pos_embed_2d
+from sslbench.losses import mae_loss, patchify
+from sslbench.masks import DropMask
+from sslbench.objective import DataInfo, Objective
+from sslbench.options import Option
+from sslbench.views import Compose, HorizontalFlip, IndependentCrops, Normalize, RandomResizedCrop
+
+
+class MAE(Objective):
+    name = "mae"
+    description = "Masked autoencoder: pixel reconstruction of 75% masked patches (He et al. 2021)"
+    options = {
+        "mask_ratio": Option(0.75, float, "fraction of patch tokens dropped", min=0, max=1, min_exclusive=True),
+        "decoder_dim": Option(512, int, "decoder width", min=8),
+        "decoder_depth": Option(8, int, "decoder blocks", min=1),
+        "decoder_heads": Option(16, int, "decoder attention heads", min=1),
+        "norm_pix_loss": Option(True, bool, "normalise each target patch by its mean and variance"),
+        "crop_scale": Option([0.2, 1.0], list, "random-resized-crop area range", item_type=float, min=0, max=1),
+        "flip": Option(True, bool, "random horizontal flip"),
+    }
+    fixed_options = ("decoder_dim", "decoder_depth", "decoder_heads")
+
+    def __init__(self, backbone, opts, context):
+        super().__init__(backbone, opts, context)
+        dim, width = backbone.embed_dim, opts["decoder_dim"]
+        if width % opts["decoder_heads"]:
+            raise sslbench.RecipeError("options.decoder_heads", f"must divide decoder_dim {width}")
+        patch_dim = backbone.patch_size ** 2 * backbone.in_chans
+        self.decoder_embed = nn.Linear(dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        grid = backbone.grid_size
+        pos = sincos_pos_embed_2d(width, grid, cls_token=True)
+        self.register_buffer("decoder_pos_embed", pos.unsqueeze(0), persistent=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(width, opts["decoder_heads"], mlp_ratio=4.0, qkv_bias=True) for _ in range(opts["decoder_depth"]))
+        self.decoder_norm = nn.LayerNorm(width)
+        self.decoder_pred = nn.Linear(width, patch_dim)
+        self._init_decoder()
+
+    def _init_decoder(self) -> None:
+        torch.nn.init.normal_(self.mask_token, std=0.02)
+        for module in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    def views(self, data: DataInfo):
+        steps = [RandomResizedCrop(data.image_size, scale=tuple(self.opts["crop_scale"]), interpolation="bicubic")]
+        if self.opts["flip"]:
+            steps.append(HorizontalFlip(0.5))
+        steps.append(Normalize(data.mean, data.std))
+        return IndependentCrops(1, Compose(steps))
+
+    def forward(self, views, batch):
+        images = views[0]
+        b, n = images.shape[0], self.backbone.num_patches
+        keep = int(n * (1 - self.opts["mask_ratio"]))
+        # Per-sample random shuffle (MAE): the kept tokens are the first `keep` of the sorted noise.
+        noise = batch["rng"].rand(n).to(images.device)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :keep]
+        mask = torch.ones(b, n, device=images.device)
+        mask[:, :keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+
+        latent = self.backbone(images, mask=DropMask(ids_keep)).tokens
+        pred = self.decode(latent, ids_restore)
+        loss = mae_loss(pred, patchify(images, self.backbone.patch_size), mask, norm_pix=self.opts["norm_pix_loss"])
+        return {"loss": loss, "logs": {}}
+
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)
+        b, n = ids_restore.shape
+        mask_tokens = self.mask_token.expand(b, n + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+
+@sslbench.hookimpl
+def register_objectives(register):
+    register("mae", MAE)

@@ -1,0 +1,7 @@
+"""``python -m sslbench`` (and ``accelerate launch -m sslbench run ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""The ``sslbench`` command line.
+
+    sslbench list                          what plugins registered (and which failed to load)
+    sslbench check RECIPE                  validate, print the resolved recipe, parameter counts and the plan
+    sslbench run RECIPE [--resume]         train and evaluate; results in results/runs/<name>/
+    sslbench leaderboard [DIR] -o FILE     aggregate every run's metrics.csv into CSV + Markdown
+
+Errors caused by input (a bad recipe key, a missing file) print one line and exit with code 2; ``--debug`` shows
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from .errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslbench", description="Benchmark self-supervised vision pre-training.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="objectives, evaluators, checkpoint formats and datasets, with their plugins")
+    p.add_argument("--options", action="store_true", help="also list each entry's options")
+
+    p = sub.add_parser("check", help="validate a recipe and print the resolved recipe and the plan, without training")
+    p.add_argument("recipe")
+    p.add_argument("--allow-missing-files", action="store_true",
+                   help="report a missing checkpoint file instead of failing (for recipes meant for another machine)")
+
+    p = sub.add_parser("run", help="train and evaluate a recipe")
+    p.add_argument("recipe")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--force", action="store_true", help="delete an existing run folder of the same name first")
+    p.add_argument("--seed", type=int, help="override run.seed (the run is named <name>-seed<N>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("leaderboard", help="aggregate all runs into a leaderboard (CSV and Markdown)")
+    p.add_argument("dir", nargs="?", default="results/runs")
+    p.add_argument("-o", "--output", default="results/leaderboard.csv")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            from .listing import print_listing
+
+            return print_listing(options=args.options)
+        if args.command == "check":
+            from .check import check_recipe
+
+            return check_recipe(args.recipe, allow_missing=args.allow_missing_files)
+        if args.command == "run":
+            from .runner import run_recipe
+
+            if args.no_progress:
+                os.environ["TQDM_DISABLE"] = "1"
+            run_recipe(args.recipe, resume=args.resume, force=args.force, seed=args.seed)
+            return 0
+        if args.command == "leaderboard":
+            from .results import collect_runs, build_leaderboard, write_leaderboard
+
+            board = build_leaderboard(collect_runs(args.dir))
+            write_leaderboard(board, args.output)
+            print(f"{len(board)} rows → {args.output} and {os.path.splitext(args.output)[0]}.md")
+            return 0
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Running a recipe's ``[[eval]]`` list on a backbone: extract the union of requested features once, evaluate,
+and turn the results into metric rows (``sslbench.results``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .evaluator import Split
+from .setup import image_size, normalisation
+
+
+def feature_cache_dir() -> Path:
+    """Shared across runs, so `sslbench eval` of a known checkpoint skips the forward passes."""
+    return Path(os.environ.get("SSLBENCH_CACHE", ".sslbench_cache")) / "features"
+
+
+def evaluate_backbone(recipe: dict, registry, backbone, datasets: dict, accelerator, progress: bool = True
+                      ) -> list[tuple[dict, object]]:
+    """Run every evaluation of the recipe. Returns ``[(eval table, MetricValue), ...]`` (on the main process)."""
+    from .features import extract_features, weights_fingerprint
+    from .views import EvalTransform
+
+    evals = recipe["eval"]
+    if not evals:
+        return []
+    evaluators = [registry.get("evaluator", e["name"]).factory(
+        {k: v for k, v in e.items() if k not in ("name", "use_ema")}) for e in evals]
+    requests = sorted({r for ev in evaluators for r in ev.requests(backbone.depth)}, key=str)
+    mean, std = normalisation(recipe, datasets["test"].channels)
+    transform = EvalTransform(image_size(recipe, backbone), mean=mean, std=std)
+    weights = weights_fingerprint(backbone)
+    kwargs = dict(transform=transform, batch_size=recipe["data"]["eval_batch_size"], accelerator=accelerator,
+                  cache_dir=feature_cache_dir(), weights_key=weights, progress=progress)
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    backbone.to(device)
+    train = Split(extract_features(backbone, datasets["eval_train"], requests, **kwargs),
+                  datasets["eval_train"].labels)
+    test = Split(extract_features(backbone, datasets["test"], requests, **kwargs), datasets["test"].labels)
+    results = []
+    if accelerator is None or accelerator.is_main_process:
+        for table, evaluator in zip(evals, evaluators):
+            for value in evaluator.evaluate(train, test):
+                results.append((table, value))
+    return results

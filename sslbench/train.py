@@ -1,0 +1,204 @@
+"""The Accelerate trainer: one code path for one process and for many.
+
+A stage trains the objective (backbone + heads) for a number of optimiser steps. Everything random in a step —
+data order, augmentations, masks — is a function of (seed, step, sample index) (``sslbench.rng``), so a run resumed
+from a checkpoint and a run on N processes reproduce the uninterrupted single-process run with the same global batch.
+
+Gradient accumulation is explicit: a global batch is split into ``grad_accum`` micro-batches, each sharded across
+processes; gradients are synchronised only on the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import TrainingDiverged
+from .objective import StageContext
+from .optim import StageSchedule, build_optimizer, frozen_names, param_groups
+from .rng import KeyedRandom
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    stage: int = 0
+    step: int = 0  # optimiser steps done in this stage
+    global_step: int = 0  # optimiser steps done in the whole run
+    finished: bool = False
+
+    def as_dict(self) -> dict:
+        return dict(stage=self.stage, step=self.step, global_step=self.global_step, finished=self.finished)
+
+
+def stage_length(stage: dict, num_samples: int) -> tuple[int, int]:
+    """(steps per epoch, total optimiser steps) of a stage; drop_last batching."""
+    steps_per_epoch = num_samples // stage["batch_size"]
+    if steps_per_epoch == 0:
+        from .errors import RecipeError
+
+        raise RecipeError(f"stages.{stage['name']}.batch_size",
+                          f"{stage['batch_size']} is larger than the {num_samples} training images")
+    total = stage["steps"] if stage["steps"] is not None else max(1, round(stage["epochs"] * steps_per_epoch))
+    return steps_per_epoch, total
+
+
+class EMABackbone:
+    """Exponential moving average of the backbone's parameters (MIM-Refiner evaluates it), buffers copied."""
+
+    def __init__(self, backbone: nn.Module, momentum: float):
+        import copy
+
+        self.momentum = momentum
+        self.module = copy.deepcopy(backbone).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self, backbone: nn.Module) -> None:
+        ema_params = dict(self.module.named_parameters())
+        pairs = [(ema_params[n], p.detach()) for n, p in backbone.named_parameters()]
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - self.momentum)
+        for (name, buf), (_, src) in zip(self.module.named_buffers(), backbone.named_buffers()):
+            buf.copy_(src)
+
+
+def step_rng(seed: int, step: int, index: torch.Tensor) -> KeyedRandom:
+    return KeyedRandom(seed, step, index)
+
+
+class StageTrainer:
+    """Trains one stage. ``save`` is called with (progress, reason) when a checkpoint is due."""
+
+    def __init__(self, accelerator, objective, stage: dict, stage_index: int, recipe: dict, dataset, data_info,
+                 loader_factory: Callable, log: Callable[[dict], None]):
+        self.accelerator = accelerator
+        self.objective = objective
+        self.stage = stage
+        self.stage_index = stage_index
+        self.recipe = recipe
+        self.dataset = dataset
+        self.data_info = data_info
+        self.loader_factory = loader_factory
+        self.log = log
+        self.steps_per_epoch, self.total_steps = stage_length(stage, len(dataset))
+        backbone = objective.backbone
+        self.frozen = frozen_names(objective, stage["freeze"], backbone.depth, f"stages[{stage_index}].freeze")
+        groups = param_groups(objective, backbone, stage, self.frozen)
+        self.optimizer = build_optimizer(groups, stage)
+        self.schedule = StageSchedule(self.optimizer, stage, self.total_steps, self.steps_per_epoch)
+        self.model, self.optimizer = accelerator.prepare(objective, self.optimizer)
+        self.views = objective.views(data_info)
+        self.ema = EMABackbone(backbone, stage["ema_momentum"]) if stage["ema_momentum"] > 0 else None
+        self.trainable = [p for p in objective.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.module.state_dict() if self.ema else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+
+    def _micro_batches(self, batch: dict) -> list[dict]:
+        accum = self.stage["grad_accum"]
+        if accum == 1:
+            return [batch]
+        size = batch["images"].shape[0] // accum
+        return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(accum)]
+
+    def run(self, progress: Progress, save: Callable[[Progress, str], None], checkpoint_every: int,
+            log_every: int) -> None:
+        acc = self.accelerator
+        seed = self.recipe["run"]["seed"]
+        micro_global = self.stage["batch_size"] // self.stage["grad_accum"]
+        loader = self.loader_factory(self.dataset, micro_global, seed, progress.step * self.stage["grad_accum"])
+        batches = iter(loader)
+        bar = None
+        if acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=progress.step, desc=self.stage["name"], dynamic_ncols=True,
+                       leave=True)
+        self.model.train()
+        window_images, window_start = 0, time.perf_counter()
+        while progress.step < self.total_steps:
+            lr = self.schedule.set(progress.step)
+            micro = [next(batches) for _ in range(self.stage["grad_accum"])]
+            loss_sum, logs_sum = 0.0, {}
+            for i, batch in enumerate(micro):
+                batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+                images = batch["images"].float().div_(255)
+                rng = step_rng(seed, progress.global_step * self.stage["grad_accum"] + i, batch["index"])
+                batch["rng"] = rng
+                views = self.views(images, rng)
+                last = i == len(micro) - 1
+                context = acc.no_sync(self.model) if not last else nullcontext()
+                with context, acc.autocast():
+                    out = self.model(views, batch)
+                    loss = out["loss"] / len(micro)
+                self._check_finite(loss, progress)
+                acc.backward(loss)
+                loss_sum += loss.detach()
+                for k, v in out.get("logs", {}).items():
+                    logs_sum[k] = logs_sum.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / len(micro)
+                window_images += images.shape[0] * acc.num_processes
+            if self.stage["clip_grad"] > 0:
+                acc.clip_grad_norm_(self.trainable, self.stage["clip_grad"])
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            unwrapped = acc.unwrap_model(self.model)
+            unwrapped.after_step(progress.step)
+            if self.ema is not None:
+                self.ema.update(unwrapped.backbone)
+            progress.step += 1
+            progress.global_step += 1
+            if progress.step % log_every == 0 or progress.step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"stage": self.stage_index, "stage_name": self.stage["name"], "step": progress.step,
+                          "global_step": progress.global_step, "loss": float(acc.reduce(loss_sum, "mean")),
+                          "lr": lr, "images_per_s": window_images / max(elapsed, 1e-9)}
+                record.update({k: float(acc.reduce(torch.as_tensor(v, device=acc.device), "mean"))
+                               for k, v in logs_sum.items()})
+                self.log(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                window_images, window_start = 0, time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            if checkpoint_every and progress.global_step % checkpoint_every == 0 and progress.step < self.total_steps:
+                save(progress, "periodic")
+        if bar is not None:
+            bar.close()
+
+    def _check_finite(self, loss: torch.Tensor, progress: Progress) -> None:
+        # Reduced over processes so that every process stops at the same step instead of hanging.
+        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.accelerator.device)
+        if float(self.accelerator.reduce(flag, "sum")) > 0:
+            raise TrainingDiverged(
+                f"loss became {float(loss.detach())} at stage {self.stage['name']!r} step {progress.step + 1} "
+                f"(global step {progress.global_step + 1}); the last good checkpoint is kept: resume with a lower "
+                "learning rate or fix the data")
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: Path, global_step: int) -> None:
+    """Drop log lines past ``global_step`` (a resumed run writes them again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("global_step", 0) <= global_step]
+    from .io import atomic_write_text
+
+    atomic_write_text(path, "\n".join(keep) + ("\n" if keep else ""))

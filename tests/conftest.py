@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny valid recipe on the embedded digits data, and helpers to write recipe variants."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores are shared by the test processes: keep torch from oversubscribing them.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_RECIPE = {
+    "run": {"name": "tiny", "seed": 0, "log_every": 1},
+    "backbone": {"model": "vit_tiny_patch16_224", "img_size": 16, "patch_size": 4, "in_chans": 1,
+                 "embed_dim": 32, "depth": 2, "num_heads": 2, "pos_embed": "sincos"},
+    "data": {"train": {"source": "digits", "split": "train", "size": 16},
+             "test": {"source": "digits", "split": "test", "size": 16}},
+    "stages": [{"objective": "mae", "steps": 4, "batch_size": 64,
+                "optimizer": {"lr": 1e-3, "betas": [0.9, 0.95]},
+                "schedule": {"warmup_epochs": 0.0},
+                "options": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}}],
+    "eval": [{"name": "knn", "k": [5, 10]}],
+}
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(v)
+
+
+def dump_recipe(recipe: dict) -> str:
+    """A recipe dict as TOML (tables inline where nested), for writing test variants."""
+    lines = []
+    for section in ("run", "backbone", "data"):
+        if section in recipe:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in recipe[section].items()]
+    for key in recipe:
+        if key not in ("run", "backbone", "data", "stages", "eval"):
+            lines.append(f"[{key}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in recipe[key].items()]
+    for stage in recipe.get("stages", []):
+        lines.append("[[stages]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in stage.items()]
+    for ev in recipe.get("eval", []):
+        lines.append("[[eval]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in ev.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path) -> dict:
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["run"]["output_dir"] = str(tmp_path / "runs")
+    return recipe
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    def write(recipe: dict, name: str = "recipe.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(dump_recipe(recipe))
+        return path
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Feature and dataset caches go to the test's own folder."""
+    monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
+
+
+def sslbench_cmd() -> list[str]:
+    return [sys.executable, "-m", "sslbench"]

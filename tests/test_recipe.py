@@ -1,0 +1,131 @@
+"""Recipe validation: every bad-recipe case gives a one-line error naming the key, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+
+import pytest
+
+from sslbench.cli import main
+from sslbench.errors import RecipeError
+from sslbench.plugins import get_registry
+from sslbench.recipe import load_recipe, protocol_hash, recipe_hash, resolve
+
+from .conftest import sslbench_cmd
+
+
+def _bad(recipe, path, value):
+    recipe = copy.deepcopy(recipe)
+    *parents, last = path
+    node = recipe
+    for p in parents:
+        node = node[p]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return recipe
+
+
+BAD_CASES = [
+    # (where, value, key path in the message, words the message must contain)
+    (("run", "sed"), 1, "run.sed", "unknown key"),
+    (("stages", 0, "optimizer", "lr"), "fast", "stages[0].optimizer.lr", "expected a number"),
+    (("stages", 0, "optimizer", "lr"), -1.0, "stages[0].optimizer.lr", "> 0"),
+    (("stages", 0, "layer_decay"), 1.5, "stages[0].layer_decay", "<= 1"),
+    (("stages", 0, "objective"), "simclr9", "stages[0].objective", "unknown objective 'simclr9'"),
+    (("eval", 0, "name"), "nope", "eval[0].name", "unknown evaluator 'nope'"),
+    (("data", "train", "source"), "nowhere", "data.train.source", "unknown dataset 'nowhere'"),
+    (("backbone", "checkpoint"), "/no/such/weights.pth", "backbone.checkpoint", "file not found"),
+    (("backbone", "checkpoint_format"), "caffe", "backbone.checkpoint_format", "unknown checkpoint format"),
+    (("stages", 0, "options", "mask_ratio"), 2.0, "stages[0].options.mask_ratio", "<= 1"),
+    (("stages", 0, "options", "decoder_width"), 3, "stages[0].options.decoder_width", "allowed keys"),
+    (("run", "mixed_precision"), "fp8", "run.mixed_precision", "one of"),
+    (("eval", 0, "k"), [5, "ten"], "eval[0].k[1]", "integers"),
+    (("run", "name"), KeyError, "run.name", "missing"),
+]
+
+
+@pytest.mark.parametrize("where,value,key,words", BAD_CASES, ids=[c[2] for c in BAD_CASES])
+def test_bad_recipe_one_line_error_exit_2(tiny_recipe, write_recipe, capsys, where, value, key, words):
+    path = write_recipe(_bad(tiny_recipe, where, value))
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {path}: {key}:"), err
+    assert words in err, err
+
+
+def test_bad_recipe_from_the_shell_has_no_traceback(tiny_recipe, write_recipe):
+    path = write_recipe(_bad(tiny_recipe, ("stages", 0, "optimizer", "lr"), "fast"))
+    out = subprocess.run(sslbench_cmd() + ["run", str(path)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"error: {path}: stages[0].optimizer.lr: got 'fast' (str), expected a number > 0")
+    debug = subprocess.run(sslbench_cmd() + ["--debug", "run", str(path)], capture_output=True, text=True)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_missing_and_malformed_recipe_files(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "absent.toml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[run\nname = 1")
+    assert main(["check", str(broken)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_defaults_are_filled_and_stages_inherit(tiny_recipe):
+    raw = copy.deepcopy(tiny_recipe)
+    raw["stages"].append({"objective": "mae", "steps": 2, "optimizer": {"lr": 5e-4}})
+    recipe = resolve(raw, get_registry())
+    first, second = recipe["stages"]
+    assert first["name"] == "stage0" and second["name"] == "stage1"
+    assert first["optimizer"]["weight_decay"] == 0.05 and first["grad_accum"] == 1
+    # the second stage keeps what it did not override, including the objective's options
+    assert second["optimizer"]["betas"] == [0.9, 0.95] and second["optimizer"]["lr"] == 5e-4
+    assert second["options"]["decoder_dim"] == 32 and second["batch_size"] == 64
+    assert recipe["run"]["checkpoint_every"] == 0 and recipe["eval"][0]["temperature"] == 0.07
+
+
+def test_hashes_ignore_cosmetic_keys_and_protocol_ignores_training(tiny_recipe):
+    registry = get_registry()
+    base = resolve(copy.deepcopy(tiny_recipe), registry)
+    cosmetic = copy.deepcopy(tiny_recipe)
+    cosmetic["run"]["log_every"] = 7
+    cosmetic["run"]["output_dir"] = "elsewhere"
+    assert recipe_hash(resolve(cosmetic, registry)) == recipe_hash(base)
+    longer = copy.deepcopy(tiny_recipe)
+    longer["stages"][0]["steps"] = 8
+    other = resolve(longer, registry)
+    assert recipe_hash(other) != recipe_hash(base)
+    assert protocol_hash(other) == protocol_hash(base)
+    k = copy.deepcopy(tiny_recipe)
+    k["eval"][0]["k"] = [20]
+    assert protocol_hash(resolve(k, registry)) != protocol_hash(base)
+
+
+def test_check_prints_resolved_recipe_and_plan(tiny_recipe, write_recipe, capsys):
+    path = write_recipe(tiny_recipe)
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "recipe hash" in out and "protocol hash" in out
+    assert "[[stages]]" in out and 'objective = "mae"' in out
+    assert "Stage 0 'stage0': mae, 4 steps, batch 64" in out
+    assert "Evaluate knn" in out
+
+
+def test_resolved_recipe_round_trips_through_toml(tiny_recipe, tmp_path):
+    from sslbench.recipe import to_toml
+
+    registry = get_registry()
+    recipe = resolve(copy.deepcopy(tiny_recipe), registry)
+    path = tmp_path / "resolved.toml"
+    path.write_text(to_toml(recipe))
+    assert load_recipe(path, registry) == recipe
+
+
+def test_recipe_error_carries_the_source():
+    with pytest.raises(RecipeError) as info:
+        resolve({"run": {}}, get_registry(), source="x.toml")
+    assert str(info.value).startswith("x.toml: run.name: missing")
