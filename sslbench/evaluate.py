@@ -17,13 +17,14 @@ def feature_cache_dir() -> Path:
     return Path(os.environ.get("SSLBENCH_CACHE", ".sslbench_cache")) / "features"
 
 
-def evaluate_backbone(recipe: dict, registry, backbone, datasets: dict, accelerator, progress: bool = True
-                      ) -> list[tuple[dict, object]]:
-    """Run every evaluation of the recipe. Returns ``[(eval table, MetricValue), ...]`` (on the main process)."""
+def evaluate_backbone(recipe: dict, registry, backbone, datasets: dict, accelerator, evals: list[dict] | None = None,
+                      progress: bool = True) -> list[tuple[dict, object]]:
+    """Run the recipe's evaluations (or ``evals``). Returns ``[(eval table, MetricValue), ...]`` on the main
+    process and ``[]`` on the others."""
     from .features import extract_features, weights_fingerprint
     from .views import EvalTransform
 
-    evals = recipe["eval"]
+    evals = recipe["eval"] if evals is None else evals
     if not evals:
         return []
     evaluators = [registry.get("evaluator", e["name"]).factory(
