@@ -20,7 +20,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 import sslbench
-from sslbench.backbone import sincos_pos_embed_2d
+from sslbench.backbone import sincos_2d_position_embedding
 from sslbench.losses import mae_loss, patchify
 from sslbench.masks import DropMask
 from sslbench.objective import DataInfo, Objective
@@ -50,8 +50,8 @@ class MAE(Objective):
         patch_dim = backbone.patch_size ** 2 * backbone.in_chans
         self.decoder_embed = nn.Linear(dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        grid = backbone.grid_size
-        pos = sincos_pos_embed_2d(width, grid, cls_token=True)
+        pos = sincos_2d_position_embedding(*backbone.grid_size, width)
+        pos = torch.cat([torch.zeros(1, width), pos], dim=0)  # CLS position: zeros, as in MAE
         self.register_buffer("decoder_pos_embed", pos.unsqueeze(0), persistent=False)
         self.decoder_blocks = nn.ModuleList(
             Block(width, opts["decoder_heads"], mlp_ratio=4.0, qkv_bias=True) for _ in range(opts["decoder_depth"]))
