@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             from .runner import run_recipe
 
             if args.no_progress:
-                os.environ["TQDM_DISABLE"] = "1"
+                os.environ["SSLBENCH_PROGRESS"] = "0"
             run_recipe(args.recipe, resume=args.resume, force=args.force, seed=args.seed)
             return 0
         if args.command == "leaderboard":

@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import TrainingDiverged
 from .objective import StageContext
+from .progress import progress_bar
 from .optim import StageSchedule, build_optimizer, frozen_names, param_groups
 from .rng import KeyedRandom
 
@@ -107,26 +108,24 @@ class StageTrainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
 
-    def _micro_batches(self, batch: dict) -> list[dict]:
-        accum = self.stage["grad_accum"]
-        if accum == 1:
-            return [batch]
-        size = batch["images"].shape[0] // accum
-        return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(accum)]
-
     def run(self, progress: Progress, save: Callable[[Progress, str], None], checkpoint_every: int,
             log_every: int) -> None:
         acc = self.accelerator
-        seed = self.recipe["run"]["seed"]
+        # Each stage walks its own sequence of epochs (seeded by run seed and stage), resumable mid-epoch.
+        data_seed = self.recipe["run"]["seed"] * 1009 + self.stage_index
         micro_global = self.stage["batch_size"] // self.stage["grad_accum"]
-        loader = self.loader_factory(self.dataset, micro_global, seed, progress.step * self.stage["grad_accum"])
+        loader = self.loader_factory(self.dataset, micro_global, data_seed, progress.step * self.stage["grad_accum"])
         batches = iter(loader)
-        bar = None
-        if acc.is_main_process:
-            from tqdm.auto import tqdm
+        bar = progress_bar(acc.is_main_process, total=self.total_steps, initial=progress.step,
+                           desc=self.stage["name"], leave=True)
+        try:
+            self._loop(batches, bar, progress, save, checkpoint_every, log_every)
+        finally:
+            bar.close()
 
-            bar = tqdm(total=self.total_steps, initial=progress.step, desc=self.stage["name"], dynamic_ncols=True,
-                       leave=True)
+    def _loop(self, batches, bar, progress: Progress, save, checkpoint_every: int, log_every: int) -> None:
+        acc = self.accelerator
+        seed = self.recipe["run"]["seed"]
         self.model.train()
         window_images, window_start = 0, time.perf_counter()
         while progress.step < self.total_steps:
@@ -168,15 +167,11 @@ class StageTrainer:
                 record.update({k: float(acc.reduce(torch.as_tensor(v, device=acc.device), "mean"))
                                for k, v in logs_sum.items()})
                 self.log(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                 window_images, window_start = 0, time.perf_counter()
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             if checkpoint_every and progress.global_step % checkpoint_every == 0 and progress.step < self.total_steps:
                 save(progress, "periodic")
-        if bar is not None:
-            bar.close()
 
     def _check_finite(self, loss: torch.Tensor, progress: Progress) -> None:
         # Reduced over processes so that every process stops at the same step instead of hanging.

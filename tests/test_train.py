@@ -1,0 +1,119 @@
+"""The trainer: resume after SIGKILL reproduces the uninterrupted run; a NaN loss stops with the step named."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import time
+import types
+
+import pytest
+import torch
+
+import sslbench
+import sslbench.plugins
+from sslbench.cli import main
+from sslbench.plugins import build_registry
+
+from .conftest import dump_recipe, sslbench_cmd
+
+
+def _knn_values(run_dir):
+    import pandas as pd
+
+    df = pd.read_csv(run_dir / "metrics.csv")
+    return sorted(zip(df["metric"], df["variant"], df["value"]))
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_recipe):
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["run"].update(name="resume", checkpoint_every=3)
+    recipe["stages"][0].update(steps=24, batch_size=32)
+    path = tmp_path / "resume.toml"
+    path.write_text(dump_recipe(recipe))
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+
+    # The reference: uninterrupted, in another output folder.
+    reference = copy.deepcopy(recipe)
+    reference["run"]["output_dir"] = str(tmp_path / "reference")
+    ref_path = tmp_path / "reference.toml"
+    ref_path.write_text(dump_recipe(reference))
+    done = subprocess.run(sslbench_cmd() + ["run", str(ref_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run_dir = tmp_path / "runs" / "resume"
+    proc = subprocess.Popen(sslbench_cmd() + ["run", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill it between two checkpoints, after the second one
+        log = run_dir / "log.jsonl"
+        if log.exists() and sum(1 for _ in log.open()) >= 8:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert 3 <= state["progress"]["global_step"] < 24 and state["progress"]["global_step"] % 3 == 0
+    assert not (run_dir / "metrics.csv").exists()
+
+    refused = subprocess.run(sslbench_cmd() + ["run", str(path)], capture_output=True, text=True, env=env)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = subprocess.run(sslbench_cmd() + ["run", str(path), "--resume"], capture_output=True, text=True,
+                             env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref_log = [json.loads(x) for x in (tmp_path / "reference" / "resume" / "log.jsonl").read_text().splitlines()]
+    new_log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in new_log] == list(range(1, 25))
+    assert new_log[-1]["loss"] == ref_log[-1]["loss"]
+    assert [r["loss"] for r in new_log] == [r["loss"] for r in ref_log]
+    assert _knn_values(run_dir) == _knn_values(tmp_path / "reference" / "resume")
+
+
+class NaNAtStep3(sslbench.Objective):
+    """Wraps MAE and poisons the loss at the third step."""
+
+    name = "nan_at_3"
+
+    def __init__(self, backbone, opts, context):
+        super().__init__(backbone, opts, context)
+        from sslbench_plugins.mae import MAE
+
+        self.mae = MAE(backbone, {**{k: o.default for k, o in MAE.options.items()}, "decoder_dim": 32,
+                                  "decoder_depth": 1, "decoder_heads": 2}, context)
+        self.calls = 0
+
+    def views(self, data):
+        return self.mae.views(data)
+
+    def forward(self, views, batch):
+        self.calls += 1
+        out = self.mae(views, batch)
+        if self.calls == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_recipe, write_recipe,
+                                                                           monkeypatch, capsys):
+    plugin = types.SimpleNamespace()
+
+    @sslbench.hookimpl
+    def register_objectives(register):
+        register("nan_at_3", NaNAtStep3)
+
+    plugin.register_objectives = register_objectives
+    monkeypatch.setattr(sslbench.plugins, "_REGISTRY", build_registry(extra_modules={"nan_plugin": plugin}))
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["run"].update(name="nan", checkpoint_every=2)
+    recipe["stages"] = [{"objective": "nan_at_3", "steps": 6, "batch_size": 32, "optimizer": {"lr": 1e-3}}]
+    assert main(["run", str(write_recipe(recipe)), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "loss became nan at stage 'stage0' step 3" in err
+    state = torch.load(tmp_path / "runs" / "nan" / "checkpoints" / "last.pt", weights_only=False)
+    assert state["progress"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["backbone"].values())
