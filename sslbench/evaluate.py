@@ -3,18 +3,19 @@ and turn the results into metric rows (``sslbench.results``)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from .data_sources import default_cache_dir
 from .evaluator import Split
 from .setup import image_size, normalisation
 
 
 def feature_cache_dir() -> Path:
-    """Shared across runs, so `sslbench eval` of a known checkpoint skips the forward passes."""
-    return Path(os.environ.get("SSLBENCH_CACHE", ".sslbench_cache")) / "features"
+    """``$SSLBENCH_CACHE/features`` (default ``~/.cache/sslbench/features``), shared by all runs, so evaluating a
+    known checkpoint again skips the forward passes."""
+    return default_cache_dir().parent / "features"
 
 
 def evaluate_backbone(recipe: dict, registry, backbone, datasets: dict, accelerator, evals: list[dict] | None = None,
