@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .evaluate import evaluate_backbone
@@ -50,8 +51,10 @@ def report_run(run, stage_name: str) -> list[dict]:
     if not run.accelerator.is_main_process:
         return []
     start = recipe["backbone"]["checkpoint"] or "scratch"
+    # Seeds of one recipe share a checkpoint label, so the leaderboard averages them.
+    recipe_name = re.sub(r"-seed\d+$", "", run.run_dir.name)
     rows = metric_rows(recipe, results, run_id=run.run_dir.name, objective=run.objective_chain(), stage=stage_name,
-                       checkpoint=f"{start} → {run.run_dir.name}/{stage_name}")
+                       checkpoint=f"{start} → {recipe_name}/{stage_name}")
     write_metrics(run.run_dir, rows)
     for row in rows:
         print(f"{row['evaluator']:>10} {row['metric']:<8} {row['variant']:<32} {row['value']:8.2f}")

@@ -1,0 +1,395 @@
+"""Frozen-feature extraction with an on-disk cache — the one place evaluators get their inputs from.
+
+Every evaluator (k-NN, linear probe, low-shot, clustering, layer-wise probe) works on frozen features of some block
+and token. :func:`extract_features` computes all requested features of a dataset with **one** forward pass per batch
+(all needed blocks are requested at once) and caches each feature matrix on disk, keyed by everything that
+determines it: the weights, the dataset, the evaluation transform, the numeric precision and the request itself.
+A second evaluation of the same checkpoint therefore runs no forward pass at all, and a changed checkpoint, dataset,
+transform or layer can never be served stale features.
+
+    >>> FeatureRequest(11, "cls", "normed")
+    FeatureRequest('b11.cls.normed')
+    >>> FeatureRequest.parse("b-1.cls+mean.raw").block
+    -1
+
+Distributed (Accelerate, N processes): each process extracts a contiguous shard, the shards are padded to the longest
+one for ``all_gather`` and trimmed again, so every sample appears exactly once, in dataset order, on every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .io import atomic_torch_save
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = ["FeatureRequest", "weights_fingerprint", "extract_features", "feature_cache_key"]
+
+TOKENS = ("cls", "mean", "cls+mean")
+NORMS = ("raw", "normed")
+# Bump when the meaning of a cached file changes (pooling definition, file layout), so old caches are ignored.
+CACHE_FORMAT = 1
+_REQUEST_PATTERN = re.compile(r"^b(-?\d+)\.(cls\+mean|cls|mean)\.(raw|normed)$")
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """Which feature to extract: the output of block ``block`` (0-based; -1 = last, negatives count from the end),
+    pooled as ``token`` and taken from the ``norm`` stream.
+
+    - ``token``: ``"cls"`` (the CLS token), ``"mean"`` (mean of the patch tokens, CLS and other prefix tokens
+      excluded) or ``"cls+mean"`` (both concatenated, 2·D wide — the DINOv2 linear-probe variant).
+    - ``norm``: ``"raw"`` (the residual stream, as MIM-Refiner's intermediate ID heads see it) or ``"normed"``
+      (passed through the backbone's final norm, as the encoder output is).
+    """
+
+    block: int = -1
+    token: str = "cls"
+    norm: str = "normed"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block, int) or isinstance(self.block, bool):
+            raise UserError(f"feature request: block must be an integer, got {self.block!r}")
+        if self.token not in TOKENS:
+            raise UserError(f"feature request: token must be one of {', '.join(TOKENS)}, got {self.token!r}")
+        if self.norm not in NORMS:
+            raise UserError(f"feature request: norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+
+    def __str__(self) -> str:
+        return f"b{self.block}.{self.token}.{self.norm}"
+
+    def __repr__(self) -> str:
+        return f"FeatureRequest({str(self)!r})"
+
+    @classmethod
+    def parse(cls, text: str) -> "FeatureRequest":
+        """Inverse of ``str()``: ``"b11.cls.normed"`` → ``FeatureRequest(11, "cls", "normed")``."""
+        match = _REQUEST_PATTERN.match(text.strip())
+        if match is None:
+            raise UserError(f"feature request {text!r}: expected b<block>.<cls|mean|cls+mean>.<raw|normed>, "
+                            "e.g. b11.cls.normed or b-1.mean.raw")
+        return cls(int(match.group(1)), match.group(2), match.group(3))
+
+    def resolve(self, depth: int) -> "FeatureRequest":
+        """The same request with a non-negative block index for a backbone of ``depth`` blocks."""
+        if not -depth <= self.block < depth:
+            raise UserError(f"feature request {self}: block must be in -{depth}..{depth - 1} "
+                            f"for a backbone with {depth} blocks")
+        return FeatureRequest(self.block % depth, self.token, self.norm)
+
+
+# --- fingerprints and cache keys ---------------------------------------------------------------------------------
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over the state dict's names, shapes, dtypes and raw bytes (parameters and persistent buffers).
+
+    Tensor bytes are hashed through numpy buffers without any copy beyond moving to CPU; a ViT-L (300 M parameters,
+    1.2 GB) hashes in a couple of seconds. Keys are sorted so the result does not depend on registration order.
+    """
+    digest = hashlib.sha256()
+    state = module.state_dict()
+    for name in sorted(state):
+        tensor = state[name]
+        digest.update(name.encode())
+        digest.update(f"|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        # A uint8 view works for every dtype, including bfloat16 which numpy cannot represent.
+        digest.update(flat.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _architecture_description(backbone: nn.Module) -> str:
+    """What the state dict does not capture but changes the function: module tree, attention heads, build options.
+
+    (Two ViTs with equal weights but a different ``num_heads`` compute different features.)
+    """
+    heads = sorted({int(m.num_heads) for m in backbone.modules() if isinstance(getattr(m, "num_heads", None), int)})
+    text = (f"{type(backbone).__qualname__}|{backbone!r}|heads={heads}|"
+            f"prefix={getattr(backbone, 'num_prefix_tokens', 1)}|{_describe(getattr(backbone, 'architecture', None))}")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _describe(obj: Any, depth: int = 0) -> str:
+    """A stable, content-based description of a (transform) object for cache keys.
+
+    Uses ``obj.describe()`` when the object has one; otherwise walks its attributes, because a default ``repr``
+    (``<EvalTransform object at 0x7f…>``) changes every run and would make the cache useless — while a
+    description that misses a setting would serve stale features.
+    """
+    describe = getattr(obj, "describe", None)
+    if callable(describe) and not isinstance(obj, type):
+        return str(describe())
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return repr(obj)
+    if isinstance(obj, (list, tuple)):
+        inner = ",".join(_describe(v, depth + 1) for v in obj)
+        return f"[{inner}]" if isinstance(obj, list) else f"({inner}{',' if len(obj) == 1 else ''})"
+    if isinstance(obj, dict):
+        return "{" + ",".join(f"{k!r}:{_describe(v, depth + 1)}" for k, v in sorted(obj.items(), key=str)) + "}"
+    if isinstance(obj, torch.Tensor):
+        data = obj.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
+        return f"tensor{tuple(obj.shape)}{obj.dtype}:{hashlib.sha256(data).hexdigest()[:16]}"
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    attributes = getattr(obj, "__dict__", None)
+    if attributes and depth < 8:
+        inner = ",".join(f"{k}={_describe(v, depth + 1)}" for k, v in sorted(attributes.items()))
+        return f"{name}({inner})"
+    if callable(obj) and hasattr(obj, "__qualname__"):
+        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
+    return f"{name}:{_ADDRESS.sub('', repr(obj))}"
+
+
+def _transform_description(transform: Callable) -> str:
+    """A stable description of the evaluation transform (see :func:`_describe`)."""
+    return _describe(transform)
+
+
+def _precision(accelerator: "Accelerator | None") -> str:
+    """The autocast precision of the forward passes ("fp32", "bf16", "fp16"): it changes the features slightly."""
+    mixed = "no" if accelerator is None else str(getattr(accelerator, "mixed_precision", "no"))
+    return "fp32" if mixed == "no" else mixed
+
+
+def feature_cache_key(*, weights: str, architecture: str, dataset: Any, transform: str, precision: str,
+                      request: FeatureRequest) -> dict:
+    """Everything a cached feature matrix depends on, as a JSON-able dict (``request`` must be resolved)."""
+    return {
+        "format": CACHE_FORMAT,
+        "weights": weights,
+        "architecture": architecture,
+        "dataset": str(dataset.fingerprint),
+        "num_samples": len(dataset),
+        "transform": transform,
+        "precision": precision,
+        "request": str(request),
+    }
+
+
+def _key_json(key: dict) -> str:
+    return json.dumps(key, sort_keys=True, separators=(",", ":"))
+
+
+def _cache_path(cache_dir: Path, key_json: str) -> Path:
+    return cache_dir / f"{hashlib.sha256(key_json.encode()).hexdigest()}.pt"
+
+
+def _load_cached(path: Path, key_json: str) -> torch.Tensor | None:
+    """The cached tensor, or ``None`` if absent, unreadable or stored under a different key (a hash collision)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a corrupt or foreign file is a cache miss; it is rewritten below
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != key_json:
+        return None
+    return stored["features"]
+
+
+# --- extraction --------------------------------------------------------------------------------------------------
+
+def _pool(tokens: torch.Tensor, token: str, num_prefix: int) -> torch.Tensor:
+    """(B, prefix+N, D) → (B, D) or (B, 2D): CLS is token 0; "mean" averages patch tokens only."""
+    cls = tokens[:, 0]
+    if token == "cls":
+        return cls
+    mean = tokens[:, num_prefix:].mean(dim=1)
+    return mean if token == "mean" else torch.cat([cls, mean], dim=1)
+
+
+def _forward_batch(backbone: nn.Module, images: torch.Tensor, requests: Sequence[FeatureRequest],
+                   num_prefix: int) -> list[torch.Tensor]:
+    """One forward pass returning every request's pooled (B, D) features."""
+    blocks = sorted({r.block for r in requests})
+    norms = {r.norm for r in requests}
+    out = "both" if len(norms) == 2 else norms.pop()
+    # final=False: the block loop stops at the deepest requested block. The last block's normed stream is
+    # exactly the final output (the final norm applied to the last block), so final=True would only repeat it.
+    output = backbone(images, blocks=blocks, out=out, final=False)
+    pooled = []
+    for r in requests:
+        tokens = (output.raw if r.norm == "raw" else output.normed).get(r.block)
+        if tokens is None:
+            raise RuntimeError(f"backbone returned no {r.norm} tokens for block {r.block}")
+        pooled.append(_pool(tokens, r.token, num_prefix).float())
+    return pooled
+
+
+def _gather_in_order(local: torch.Tensor, local_index: torch.Tensor, accelerator: "Accelerator",
+                     num_samples: int) -> torch.Tensor:
+    """All processes' rows, each sample exactly once, in dataset order.
+
+    ``all_gather`` needs equal shapes, so each shard is padded to the longest; the padding is trimmed with the
+    gathered shard lengths. The gathered dataset indices then place every row, which also proves the shards
+    covered the dataset exactly once.
+    """
+    device = accelerator.device
+    length = torch.tensor([local.shape[0]], device=device)
+    lengths = accelerator.gather(length).cpu().tolist()
+    longest = max(lengths)
+    padded = torch.zeros((longest, local.shape[1]), dtype=local.dtype, device=device)
+    padded[: local.shape[0]] = local.to(device)
+    index = torch.full((longest,), -1, dtype=torch.long, device=device)
+    index[: local.shape[0]] = local_index.to(device)
+    rows = accelerator.gather(padded).cpu().reshape(len(lengths), longest, -1)
+    indices = accelerator.gather(index).cpu().reshape(len(lengths), longest)
+    rows = torch.cat([rows[p, :n] for p, n in enumerate(lengths)])
+    indices = torch.cat([indices[p, :n] for p, n in enumerate(lengths)])
+    return _place(rows, indices, num_samples)
+
+
+def _place(rows: torch.Tensor, indices: torch.Tensor, num_samples: int) -> torch.Tensor:
+    if indices.numel() != num_samples or not torch.equal(torch.sort(indices).values, torch.arange(num_samples)):
+        raise RuntimeError(f"feature extraction covered {indices.numel()} rows, not each of the {num_samples} "
+                           "samples exactly once — the evaluation sharding is broken")
+    result = torch.empty_like(rows)
+    result[indices] = rows
+    return result
+
+
+def _any_process(accelerator: "Accelerator | None", flags: Iterable[bool]) -> list[bool]:
+    """Element-wise OR of boolean flags over processes, so all processes take the same code path."""
+    flags = list(flags)
+    if accelerator is None or accelerator.num_processes <= 1 or not flags:
+        return flags
+    local = torch.tensor([int(f) for f in flags], device=accelerator.device)
+    gathered = accelerator.gather(local).reshape(accelerator.num_processes, -1)
+    return [bool(v) for v in gathered.amax(dim=0).cpu().tolist()]
+
+
+def extract_features(
+    backbone: nn.Module,
+    dataset: Any,
+    requests: Iterable[FeatureRequest],
+    *,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 256,
+    accelerator: "Accelerator | None" = None,
+    cache_dir: str | Path | None = None,
+    weights_key: str | None = None,
+    progress: bool = True,
+) -> dict[FeatureRequest, torch.Tensor]:
+    """Frozen features of every sample of ``dataset`` for each request: float32 CPU tensors (N, D) in dataset order.
+
+    ``backbone`` follows the :class:`sslbench.backbone.Backbone` forward signature; ``dataset`` is an
+    :class:`sslbench.data.ImageDataset`; ``transform`` maps a float batch in [0, 1] to the backbone's input
+    (:class:`sslbench.views.EvalTransform`). With ``cache_dir`` each feature matrix is cached under a key of
+    (weights, architecture, dataset fingerprint, transform, precision, request); ``weights_key`` is a precomputed
+    :func:`weights_fingerprint` (computed here if omitted). Requests already cached cost no forward pass; if all are
+    cached, none runs. The backbone runs in eval mode under ``torch.inference_mode`` and its mode is restored.
+    With an ``accelerator`` of several processes every process must call this; all of them get the full result.
+    """
+    requests = list(requests)
+    if not requests:
+        return {}
+    if batch_size < 1:
+        raise UserError(f"feature extraction: batch_size must be >= 1, got {batch_size}")
+    inner = accelerator.unwrap_model(backbone) if accelerator is not None else backbone
+    depth = int(inner.depth)
+    num_prefix = int(getattr(inner, "num_prefix_tokens", 1))
+    resolved = {r: r.resolve(depth) for r in requests}
+    unique = sorted(set(resolved.values()), key=lambda r: (r.block, r.token, r.norm))
+    num_processes = accelerator.num_processes if accelerator is not None else 1
+    process_index = accelerator.process_index if accelerator is not None else 0
+    is_main = accelerator is None or accelerator.is_main_process
+
+    features: dict[FeatureRequest, torch.Tensor] = {}
+    keys: dict[FeatureRequest, str] = {}
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        weights = weights_key or weights_fingerprint(inner)
+        common = dict(weights=weights, architecture=_architecture_description(inner), dataset=dataset,
+                      transform=_transform_description(transform), precision=_precision(accelerator))
+        for r in unique:
+            keys[r] = _key_json(feature_cache_key(request=r, **common))
+            cached = _load_cached(_cache_path(cache, keys[r]), keys[r])
+            if cached is not None and cached.shape[0] == len(dataset):
+                features[r] = cached
+    # A request missing on any process is recomputed by all: the forward passes contain collectives.
+    missing = [r for r, miss in zip(unique, _any_process(accelerator, (r not in features for r in unique))) if miss]
+
+    if missing:
+        computed = _extract(inner, dataset, missing, transform, batch_size, accelerator, num_prefix,
+                            num_processes, process_index, progress and is_main)
+        features.update(computed)
+        if cache is not None and is_main:
+            for r in missing:
+                atomic_torch_save({"key": keys[r], "features": computed[r]}, _cache_path(cache, keys[r]))
+        if cache is not None and accelerator is not None:
+            accelerator.wait_for_everyone()  # later calls on other processes must see the files
+    return {r: features[resolved[r]] for r in requests}
+
+
+def _extract(backbone: nn.Module, dataset: Any, requests: Sequence[FeatureRequest], transform: Callable,
+             batch_size: int, accelerator: "Accelerator | None", num_prefix: int,
+             num_processes: int, process_index: int, show_progress: bool) -> dict[FeatureRequest, torch.Tensor]:
+    from tqdm.auto import tqdm
+
+    # Deferred: sslbench.data pulls in `datasets`, which building a FeatureRequest should not pay for.
+    from .data import eval_shard, iter_eval_batches
+    from .views import to_float
+
+    device = accelerator.device if accelerator is not None else next(backbone.parameters()).device
+    autocast = accelerator.autocast if accelerator is not None else _no_autocast
+    chunks: list[list[torch.Tensor]] = [[] for _ in requests]
+    index_chunks: list[torch.Tensor] = []
+    shard = eval_shard(len(dataset), num_processes, process_index)
+    bar = tqdm(total=len(shard), desc=f"features {_dataset_name(dataset)}",
+               unit="img", disable=not show_progress, leave=False)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.inference_mode(), autocast():
+            for batch in iter_eval_batches(dataset, batch_size, num_processes, process_index):
+                images = transform(to_float(batch["images"].to(device)))
+                for chunk, pooled in zip(chunks, _forward_batch(backbone, images, requests, num_prefix)):
+                    chunk.append(pooled.cpu())
+                index_chunks.append(torch.as_tensor(batch["index"]).long().cpu())
+                bar.update(len(images))
+    finally:
+        backbone.train(was_training)
+        bar.close()
+    # Concatenating outside inference_mode turns the per-batch inference tensors into ordinary tensors, which
+    # callers may then use in autograd (e.g. a linear probe's inputs).
+    local_index = torch.cat(index_chunks) if index_chunks else torch.zeros(0, dtype=torch.long)
+    result = {}
+    for r, chunk in zip(requests, chunks):
+        local = torch.cat(chunk) if chunk else torch.zeros(0, _empty_width(backbone, r))
+        if num_processes > 1:
+            result[r] = _gather_in_order(local, local_index, accelerator, len(dataset))
+        else:
+            result[r] = _place(local, local_index, len(dataset))
+    return result
+
+
+def _empty_width(backbone: nn.Module, request: FeatureRequest) -> int:
+    width = int(backbone.embed_dim)
+    return 2 * width if request.token == "cls+mean" else width
+
+
+def _dataset_name(dataset: Any) -> str:
+    return str(getattr(dataset, "name", "dataset"))
+
+
+class _no_autocast:
+    """Stand-in for ``accelerator.autocast()`` without an accelerator: full precision."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
