@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .progress import progress_bar
 from .errors import UserError
 from .io import atomic_torch_save
 
@@ -337,8 +338,6 @@ def extract_features(
 def _extract(backbone: nn.Module, dataset: Any, requests: Sequence[FeatureRequest], transform: Callable,
              batch_size: int, accelerator: "Accelerator | None", num_prefix: int,
              num_processes: int, process_index: int, show_progress: bool) -> dict[FeatureRequest, torch.Tensor]:
-    from tqdm.auto import tqdm
-
     # Deferred: sslbench.data pulls in `datasets`, which building a FeatureRequest should not pay for.
     from .data import eval_shard, iter_eval_batches
     from .views import to_float
@@ -348,8 +347,8 @@ def _extract(backbone: nn.Module, dataset: Any, requests: Sequence[FeatureReques
     chunks: list[list[torch.Tensor]] = [[] for _ in requests]
     index_chunks: list[torch.Tensor] = []
     shard = eval_shard(len(dataset), num_processes, process_index)
-    bar = tqdm(total=len(shard), desc=f"features {_dataset_name(dataset)}",
-               unit="img", disable=not show_progress, leave=False)
+    bar = progress_bar(show_progress, total=len(shard), desc=f"features {_dataset_name(dataset)}", unit="img",
+                       leave=False)
     was_training = backbone.training
     backbone.eval()
     try:

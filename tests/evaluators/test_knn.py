@@ -1,0 +1,139 @@
+"""k-NN against a per-sample numpy loop of DINO's weighted vote, with its documented tie-breaking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sslbench.errors import UserError
+from sslbench.evaluators import knn
+from sslbench.evaluators.knn import _stable_topk
+
+
+def reference_knn(train_x, train_y, test_x, k, temperature, classes, standardize=False, eps=1e-6):
+    """Obviously-correct weighted k-NN: one test sample at a time, full stable sorts, numpy float64."""
+    train_x = np.asarray(train_x, dtype=np.float64)
+    test_x = np.asarray(test_x, dtype=np.float64)
+    if standardize:
+        mean, std = train_x.mean(0), train_x.std(0, ddof=1) + eps
+        train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_x = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    rankings = []
+    for q in test_x:
+        q = q / np.linalg.norm(q)
+        sims = train_x @ q
+        nearest = np.argsort(-sims, kind="stable")[:k]       # ties: lower training index first
+        votes = np.zeros(classes)
+        for j in nearest:
+            votes[train_y[j]] += np.exp(sims[j] / temperature)
+        rankings.append(np.argsort(-votes, kind="stable")[:min(5, classes)])   # ties: lower class first
+    return np.stack(rankings)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_predictions_identical_to_reference_loop(clusters, standardize):
+    xtr, ytr, xte, yte = clusters(n_train=240, n_test=60, classes=6, dim=12, spread=1.5, dtype=torch.float64)
+    xtr = xtr * torch.linspace(0.1, 5, 12) + 3.0        # uneven scales and offsets: standardisation matters
+    xte = xte * torch.linspace(0.1, 5, 12) + 3.0
+    metrics, predictions = knn(xtr, ytr, xte, yte, k=(1, 10, 20), temperature=0.07, standardize=standardize,
+                               batch_size=7, return_predictions=True)
+    for k in (1, 10, 20):
+        expected = reference_knn(xtr, ytr.numpy(), xte, k, 0.07, 6, standardize=standardize)
+        np.testing.assert_array_equal(predictions[k].numpy(), expected)
+        assert metrics[f"top1@k={k}"] == pytest.approx(100 * np.mean(expected[:, 0] == yte.numpy()))
+        assert metrics[f"top5@k={k}"] == pytest.approx(100 * np.mean((expected[:, :5] == yte.numpy()[:, None]).any(1)))
+    assert 30 < metrics["top1@k=20"] < 100            # a non-trivial problem
+
+
+def test_exact_ties_follow_documented_rule_for_every_batch_size():
+    # Rows are unit basis vectors (exact similarities 0 or 1), repeated with different labels: many exact ties
+    # both among neighbours (at the k-th place) and among class votes.
+    basis = torch.eye(4, dtype=torch.float64)
+    train_x = basis.repeat(6, 1)                          # row i is direction i % 4
+    train_y = torch.tensor([3, 1, 2, 0, 1, 3, 0, 2, 2, 0, 1, 3, 0, 2, 3, 1, 1, 1, 0, 0, 3, 2, 2, 3])
+    test_x = torch.cat([basis, basis])
+    test_y = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    for k in (1, 2, 3, 5, 7):
+        expected = reference_knn(train_x, train_y.numpy(), test_x, k, 0.1, 4)
+        for batch_size in (1, 3, 8):
+            _, predictions = knn(train_x, train_y, test_x, test_y, k=(k,), temperature=0.1, batch_size=batch_size,
+                                 return_predictions=True)
+            np.testing.assert_array_equal(predictions[k].numpy(), expected)
+        _, float32 = knn(train_x.float(), train_y, test_x.float(), test_y, k=(k,), temperature=0.1,
+                         return_predictions=True)
+        np.testing.assert_array_equal(float32[k].numpy(), expected)
+
+
+def test_stable_topk_equals_stable_sort_prefix():
+    g = torch.Generator().manual_seed(1)
+    similarity = torch.randint(0, 4, (50, 40), generator=g).float()     # heavy ties
+    for k in (1, 5, 39, 40):
+        values, indices = _stable_topk(similarity, k)
+        expected = similarity.sort(dim=1, descending=True, stable=True)
+        torch.testing.assert_close(indices, expected.indices[:, :k])
+        torch.testing.assert_close(values, expected.values[:, :k])
+
+
+def test_standardize_uses_training_statistics_only(clusters):
+    xtr, ytr, xte, yte = clusters(dtype=torch.float64)
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    by_hand = knn((xtr - mean) / std, ytr, (xte - mean) / std, yte)
+    assert knn(xtr, ytr, xte, yte, standardize=True) == by_hand
+    # Shifting the test set must not change the statistics used (no test information leaks in).
+    shifted = knn(xtr, ytr, xte + 100.0, yte, standardize=True)
+    assert shifted == knn((xtr - mean) / std, ytr, (xte + 100.0 - mean) / std, yte)
+
+
+def test_numpy_inputs_and_top5_only_with_five_classes(clusters):
+    xtr, ytr, xte, yte = clusters(classes=3)
+    metrics = knn(xtr.numpy(), ytr.numpy(), xte.numpy(), yte.numpy(), k=10)
+    assert set(metrics) == {"top1@k=10"}
+    assert metrics == knn(xtr, ytr, xte, yte, k=[10])
+    xtr, ytr, xte, yte = clusters(classes=5)
+    assert set(knn(xtr, ytr, xte, yte, k=(10, 20))) == {"top1@k=10", "top5@k=10", "top1@k=20", "top5@k=20"}
+
+
+def test_weights_are_exp_similarity_over_temperature():
+    # One test point, two neighbours of class 0 at similarity 0.6 and one of class 1 at similarity 1.0:
+    # class 0 wins iff 2·exp(0.6/τ) > exp(1/τ), i.e. τ > 0.4 / ln 2 ≈ 0.577.
+    train_x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]])
+    train_y = torch.tensor([1, 0, 0])
+    test_x, test_y = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    assert knn(train_x, train_y, test_x, test_y, k=3, temperature=0.6)["top1@k=3"] == 100.0
+    assert knn(train_x, train_y, test_x, test_y, k=3, temperature=0.55)["top1@k=3"] == 0.0
+
+
+def test_user_errors(clusters):
+    xtr, ytr, xte, yte = clusters()
+    with pytest.raises(UserError, match="train_labels"):
+        knn(xtr, ytr[:-1], xte, yte)
+    with pytest.raises(UserError, match="test_features"):
+        knn(xtr, ytr, xte[:, :3], yte)
+    with pytest.raises(UserError, match="k:"):
+        knn(xtr, ytr, xte, yte, k=(0,))
+    with pytest.raises(UserError, match="k:"):
+        knn(xtr, ytr, xte, yte, k=(xtr.shape[0] + 1,))
+    with pytest.raises(UserError, match="integer"):
+        knn(xtr, ytr.float(), xte, yte)
+    with pytest.raises(UserError, match="num_classes"):
+        knn(xtr, ytr, xte, yte, num_classes=2)
+
+
+def test_small_temperature_does_not_overflow(clusters):
+    xtr, ytr, xte, yte = clusters(dtype=torch.float64)
+    _, predictions = knn(xtr.float(), ytr, xte.float(), yte, k=(10,), temperature=0.005, return_predictions=True)
+    expected = reference_knn(xtr, ytr.numpy(), xte, 10, 0.005, 5)    # float64: exp(200) is representable
+    assert (predictions[10][:, 0].numpy() == expected[:, 0]).mean() > 0.99
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_features_are_user_errors(clusters, bad):
+    xtr, ytr, xte, yte = clusters()
+    xte[3, 2] = bad
+    with pytest.raises(UserError, match="test_features: contains NaN"):
+        knn(xtr, ytr, xte, yte)
+    both = xtr.clone()
+    both[0, 0], both[1, 1] = float("inf"), -float("inf")
+    with pytest.raises(UserError, match="train_features: contains NaN"):
+        knn(both, ytr, xte.nan_to_num(), yte)
