@@ -12,16 +12,9 @@ The math is :func:`sslbench.evaluators.knn`; this plugin maps recipe options to 
 from __future__ import annotations
 
 import sslbench
-from sslbench.evaluator import Evaluator, MetricValue
+from sslbench.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
 from sslbench.evaluators import knn
-from sslbench.features import FeatureRequest
 from sslbench.options import Option
-
-FEATURE_OPTIONS = {
-    "block": Option(-1, int, "block whose tokens are used (-1: the last)"),
-    "token": Option("cls", str, "which token(s)", choices=("cls", "mean", "cls+mean")),
-    "norm": Option("normed", str, "after the final norm or the raw residual stream", choices=("normed", "raw")),
-}
 
 
 class KNN(Evaluator):
@@ -35,7 +28,7 @@ class KNN(Evaluator):
     }
 
     def requests(self, depth):
-        self.request = FeatureRequest(self.opts["block"] % depth, self.opts["token"], self.opts["norm"])
+        self.request = feature_request(self.opts, depth)
         return [self.request]
 
     def evaluate(self, train, test):

@@ -14,6 +14,27 @@ import torch
 
 from .options import Option
 
+#: The options that pick one feature matrix (shared by the evaluators that read a single feature).
+FEATURE_OPTIONS = {
+    "block": Option(-1, int, "block whose tokens are used (-1: the last)"),
+    "token": Option("cls", str, "which token(s)", choices=("cls", "mean", "cls+mean")),
+    "norm": Option("normed", str, "after the final norm or the raw residual stream", choices=("normed", "raw")),
+}
+
+
+def feature_request(opts: dict[str, Any], depth: int):
+    """The :class:`sslbench.features.FeatureRequest` named by an evaluator's :data:`FEATURE_OPTIONS` values.
+
+    A block outside ``-depth .. depth-1`` is a user error naming the key (``block``), not an index error later.
+    """
+    from .errors import UserError
+    from .features import FeatureRequest
+
+    block = opts["block"]
+    if not -depth <= block < depth:
+        raise UserError(f"block: got {block}, expected -{depth}..{depth - 1} for a backbone with {depth} blocks")
+    return FeatureRequest(block % depth, opts["token"], opts["norm"])
+
 
 @dataclass(frozen=True)
 class Split:

@@ -1,0 +1,53 @@
+"""Clustering of frozen features (MIM-Refiner's protocol): k-means with k = number of classes, scored by the labels.
+
+The math is :func:`sslbench.evaluators.clustering`: k-means (``n_init`` k-means++ restarts, the lowest inertia
+wins) on L2-normalised features; ACC through the Hungarian matching of clusters to classes (scipy), NMI, AMI and
+ARI from scikit-learn (percent); with ``silhouette = true`` also the silhouette and Davies-Bouldin scores on a
+seeded subsample. k-means uses no labels and nothing is tuned, so ``selection_split`` is ``"none"``.
+
+Rows: ``acc``, ``nmi``, ``ami``, ``ari`` (and ``silhouette``, ``davies_bouldin``), variant ``<split>,<feature>``.
+
+    [[eval]]
+    name = "clustering"
+    split = "test"
+"""
+
+from __future__ import annotations
+
+import sslbench
+from sslbench.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
+from sslbench.evaluators import clustering
+from sslbench.options import Option
+
+
+class Clustering(Evaluator):
+    name = "clustering"
+    description = "k-means (k = classes) on frozen features: ACC (Hungarian), NMI, AMI, ARI"
+    options = {
+        "split": Option("test", str, "which features are clustered (the test set is smaller; k-means sees no "
+                        "labels either way)", choices=("test", "train")),
+        "n_init": Option(10, int, "k-means++ restarts; the lowest inertia wins", min=1),
+        "max_iter": Option(300, int, "Lloyd iterations per restart at most", min=1),
+        "seed": Option(0, int, "seed of the k-means++ seeding and of the silhouette subsample", min=0),
+        "l2_normalize": Option(True, bool, "L2-normalise the features first (cosine geometry, as k-NN)"),
+        "silhouette": Option(False, bool, "also the silhouette and Davies-Bouldin scores (on a subsample)"),
+        "subsample": Option(10000, int, "rows for silhouette / Davies-Bouldin (silhouette is quadratic)", min=2),
+        **FEATURE_OPTIONS,
+    }
+
+    def requests(self, depth):
+        self.request = feature_request(self.opts, depth)
+        return [self.request]
+
+    def evaluate(self, train, test):
+        o, request = self.opts, self.request
+        split = train if o["split"] == "train" else test
+        scores = clustering(split.features[request], split.labels, n_init=o["n_init"], seed=o["seed"],
+                            max_iter=o["max_iter"], silhouette=o["silhouette"], subsample=o["subsample"],
+                            l2_normalize=o["l2_normalize"])
+        return [MetricValue(metric, value, f"{o['split']},{request}") for metric, value in scores.items()]
+
+
+@sslbench.hookimpl
+def register_evaluators(register):
+    register("clustering", Clustering)

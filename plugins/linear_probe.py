@@ -1,0 +1,107 @@
+"""Linear probe (DINOv2 style): a sweep of linear heads on frozen features, the best chosen on held-out train rows.
+
+The math is :func:`sslbench.evaluators.linear_probe` (all heads of a feature variant trained together, SGD with
+momentum, cosine schedule, optional BatchNorm without affine); this plugin builds the feature variants from the
+cached block outputs and names the rows.
+
+Feature variants are DINOv2's (``n_last_blocks`` × ``avgpool``): the CLS tokens of the last 1 or 4 blocks,
+concatenated, optionally followed by the mean of the last block's patch tokens. Variant names read ``last4+mean``.
+A backbone with fewer blocks than asked uses all it has (``last4`` of a 2-block ViT is its 2 CLS tokens).
+
+Rows (``selection_split`` of every row names the held-out split that chose the head; the test set never does):
+
+* ``top1`` / ``best``: test accuracy of the head with the best held-out accuracy over the whole sweep; its
+  configuration (feature variant, BatchNorm, learning rate, held-out accuracy) is in ``extra``, written to the
+  ``details`` column of ``metrics.csv``;
+* ``val_top1`` / ``best``: that head's held-out accuracy;
+* ``top1`` / ``<variant>``: for every feature variant, the test accuracy of its own best head (chosen the same way).
+
+    [[eval]]
+    name = "linear_probe"
+    n_last_blocks = [1, 4]
+    avgpool = [false, true]
+    epochs = 30
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+import sslbench
+from sslbench.evaluator import Evaluator, MetricValue
+from sslbench.evaluators import linear_probe
+from sslbench.evaluators.linear_probe import DINOV2_LRS
+from sslbench.features import FeatureRequest
+from sslbench.options import Option
+
+
+def variant_name(n_blocks: int, avgpool: bool) -> str:
+    return f"last{n_blocks}" + ("+mean" if avgpool else "")
+
+
+class LinearProbe(Evaluator):
+    name = "linear_probe"
+    description = "linear heads on frozen features, lr × feature-variant sweep, chosen on a held-out part of train"
+    options = {
+        "n_last_blocks": Option([1, 4], list, "feature variants: CLS tokens of the last n blocks, concatenated",
+                                item_type=int, min=1),
+        "avgpool": Option([False, True], list, "feature variants: without / with the mean of the last block's "
+                          "patch tokens appended", item_type=bool),
+        "norm": Option("normed", str, "tokens after the final norm (DINOv2) or the raw residual stream",
+                       choices=("normed", "raw")),
+        "lrs": Option(list(DINOV2_LRS), list, "learning rates (DINOv2's 13-value grid), × batch_size/256 when "
+                      "scale_lr_by_batch", item_type=float, min=0),
+        "scale_lr_by_batch": Option(True, bool, "multiply every lr by batch_size/256"),
+        "batchnorm": Option([True], list, "BatchNorm(affine=False) before the head (MAE protocol); [true, false] "
+                            "sweeps both", item_type=bool),
+        "epochs": Option(30, int, "passes over the fitting rows", min=1),
+        "batch_size": Option(256, int, "rows per SGD step", min=1),
+        "val_fraction": Option(0.1, float, "stratified fraction of train held out to choose the head", min=0, max=1,
+                               min_exclusive=True),
+        "seed": Option(0, int, "seed of the held-out split, the initialisation and the batch order", min=0),
+    }
+
+    def _variants(self) -> list[tuple[int, bool]]:
+        return list(dict.fromkeys(itertools.product(self.opts["n_last_blocks"], self.opts["avgpool"])))
+
+    def requests(self, depth):
+        norm = self.opts["norm"]
+        self.layout: dict[str, list[FeatureRequest]] = {}
+        for n_blocks, avgpool in self._variants():
+            parts = [FeatureRequest(b, "cls", norm) for b in range(max(0, depth - n_blocks), depth)]
+            if avgpool:
+                parts.append(FeatureRequest(depth - 1, "mean", norm))
+            self.layout[variant_name(n_blocks, avgpool)] = parts
+        if not self.layout:
+            from sslbench.errors import UserError
+
+            raise UserError("linear_probe: n_last_blocks and avgpool must each list at least one value")
+        return sorted({r for parts in self.layout.values() for r in parts}, key=str)
+
+    def evaluate(self, train, test):
+        variants = {name: (torch.cat([train.features[r] for r in parts], dim=1),
+                           torch.cat([test.features[r] for r in parts], dim=1))
+                    for name, parts in self.layout.items()}
+        o = self.opts
+        _, result = linear_probe(None, train.labels, None, test.labels, variants=variants, lrs=o["lrs"],
+                                 epochs=o["epochs"], batch_size=o["batch_size"], batchnorm=o["batchnorm"],
+                                 val_fraction=o["val_fraction"], seed=o["seed"],
+                                 scale_lr_by_batch=o["scale_lr_by_batch"], return_result=True)
+        split, chosen, norm = result.selection_split, result.chosen, o["norm"]
+        config = {"variant": chosen.variant, "batchnorm": chosen.batchnorm, "lr": chosen.lr,
+                  "val_top1": round(chosen.val_top1, 4)}
+        rows = [MetricValue("top1", chosen.test_top1, f"best,{norm}", split, config),
+                MetricValue("val_top1", chosen.val_top1, f"best,{norm}", split, config)]
+        for name in variants:
+            heads = [h for h in result.heads if h.variant == name]
+            best = max(heads, key=lambda h: h.val_top1)          # first of equal values, like the overall choice
+            rows.append(MetricValue("top1", best.test_top1, f"{name},{norm}", split,
+                                    {"batchnorm": best.batchnorm, "lr": best.lr, "val_top1": round(best.val_top1, 4)}))
+        return rows
+
+
+@sslbench.hookimpl
+def register_evaluators(register):
+    register("linear_probe", LinearProbe)

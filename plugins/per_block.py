@@ -1,0 +1,70 @@
+"""Layer-wise k-NN probe: k-NN accuracy of the CLS token of every block, raw and after the final norm.
+
+The curve behind MIM-Refiner (Alkin et al. 2024, figure 1): a MIM model's representation peaks in an intermediate
+block, a refined one at the end. The math is :func:`sslbench.evaluators.per_block` (DINO k-NN per block).
+
+Rows: ``top1`` (and ``top5``) with variant ``k=<k>,block=<i>,<raw|normed>[,std]``, blocks numbered from 0. The
+evaluator only returns rows; whoever writes a run's rows (``sslbench.report``) also writes the table
+(``per_block.csv``) and the curve (``per_block.png``) beside its ``metrics.csv``, and ``sslbench leaderboard
+--plots`` draws the curves of every run — so the plot is always made from exactly the rows that were recorded.
+
+    [[eval]]
+    name = "per_block"
+    k = [10, 20]
+    norms = ["raw", "normed"]
+"""
+
+from __future__ import annotations
+
+import sslbench
+from sslbench.errors import UserError
+from sslbench.evaluator import Evaluator, MetricValue
+from sslbench.evaluators import per_block
+from sslbench.features import FeatureRequest
+from sslbench.options import Option
+
+
+class PerBlock(Evaluator):
+    name = "per_block"
+    description = "k-NN accuracy of every block's CLS token (raw and normed): where the representation peaks"
+    options = {
+        "k": Option([10, 20], list, "numbers of neighbours", item_type=int, min=1),
+        "temperature": Option(0.07, float, "vote weight exp(sim/τ)", min=0, min_exclusive=True),
+        "standardize": Option(False, bool, "standardise each dimension with the training mean/std first"),
+        "norms": Option(["raw", "normed"], list, "token streams: the raw residual stream and/or after the final "
+                        "norm", item_type=str),
+        "blocks": Option([], list, "blocks to probe (0-based, negatives from the end); empty: every block",
+                         item_type=int),
+    }
+
+    def requests(self, depth):
+        norms = list(dict.fromkeys(self.opts["norms"]))
+        bad = [n for n in norms if n not in ("raw", "normed")]
+        if bad or not norms:
+            raise UserError(f"norms: got {self.opts['norms']}, expected a non-empty list of 'raw' and 'normed'")
+        blocks = self.opts["blocks"] or list(range(depth))
+        outside = [b for b in blocks if not -depth <= b < depth]
+        if outside:
+            raise UserError(f"blocks: {outside} outside -{depth}..{depth - 1} for a backbone with {depth} blocks")
+        self.blocks = sorted({b % depth for b in blocks})
+        self.layout = {norm: {b: FeatureRequest(b, "cls", norm) for b in self.blocks} for norm in norms}
+        return [r for by_block in self.layout.values() for r in by_block.values()]
+
+    def evaluate(self, train, test):
+        o = self.opts
+        suffix = ",std" if o["standardize"] else ""
+        rows = []
+        for norm, by_block in self.layout.items():
+            scores = per_block({b: train.features[r] for b, r in by_block.items()}, train.labels,
+                               {b: test.features[r] for b, r in by_block.items()}, test.labels,
+                               k=tuple(o["k"]), temperature=o["temperature"], standardize=o["standardize"])
+            for key, value in scores.items():            # "block3/top1@k=20"
+                block, _, name = key.partition("/")
+                metric, _, k = name.partition("@")
+                rows.append(MetricValue(metric, value, f"{k},block={block[len('block'):]},{norm}{suffix}"))
+        return rows
+
+
+@sslbench.hookimpl
+def register_evaluators(register):
+    register("per_block", PerBlock)
