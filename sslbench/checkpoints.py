@@ -58,6 +58,17 @@ class CheckpointFormat:
     convert: Callable[[Any], dict[str, Tensor]] = lambda obj: dict(obj)
 
 
+class UntrustedPickle(UserError):
+    """A torch file that pickles Python objects besides tensors, refused because unpickling runs its code.
+
+    ``path`` is the file and ``found`` the first global outside torch's weights-only allow-list (fairseq's
+    data2vec 2.0 files store their config as ``argparse.Namespace`` or omegaconf objects)."""
+
+    def __init__(self, path: Path, found: str, message: str):
+        self.path, self.found = path, found
+        super().__init__(message)
+
+
 @dataclass
 class LoadReport:
     """What :func:`load_checkpoint` did. ``missing``: backbone keys left at their built values (only keys that
@@ -189,10 +200,12 @@ def read_checkpoint_file(path: str | Path, allow_pickle: bool = False) -> Any:
             if found is None:
                 raise
             if not allow_pickle:
-                raise UserError(
+                raise UntrustedPickle(
+                    path, found.group(1),
                     f"{path}: holds pickled Python objects besides tensors ({found.group(1)}), which are not "
                     f"loaded by default because unpickling runs code; if you trust the file, allow it "
-                    f"(allow_pickle) or re-save just its state dict") from None
+                    f"(allow_pickle; in a recipe: backbone.checkpoint_trusted = true) or re-save just its "
+                    f"state dict") from None
             log.warning("loading %s with full unpickling (allow_pickle)", path)
             return torch.load(path, map_location="cpu", weights_only=False)
     except UserError:

@@ -3,6 +3,8 @@
 Design: on a small CPU machine the trainer must never wait for data. Small datasets (Fashion-MNIST, digits,
 CIFAR-size) are decoded **once** into a ``uint8`` tensor ``(N, C, H, W)``; a training batch is then one
 index-gather, and all augmentation happens batched on tensors (see :mod:`sslbench.views`). No DataLoader workers.
+Datasets too large for that (ImageNet) hold :class:`sslbench.lazy_images.LazyImages` instead, and the same loaders
+decode their batches in DataLoader workers — same order, same batches.
 
 The sources that produce an :class:`ImageDataset` (Hugging Face datasets, Fashion-MNIST IDX files, scikit-learn's
 digits) live in :mod:`sslbench.data_sources`; ``BUILTIN_SOURCES`` and the ``load_*`` functions are re-exported here.
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError
+from .lazy_images import LazyImages, decoded_batches, is_lazy
 from .options import Option, validate_options
 
 # Number of images hashed into a fingerprint: enough to tell datasets apart, cheap even for ImageNet-size tensors.
@@ -51,7 +54,8 @@ class ImageDataset:
     """A whole dataset in memory: ``images`` uint8 ``(N, C, H, W)``, ``labels`` int64 ``(N,)``.
 
     ``labels`` are ``-1`` for an unlabelled dataset (then ``classes`` is empty). ``fingerprint`` identifies
-    source + split + content (see :func:`compute_fingerprint`).
+    source + split + content (see :func:`compute_fingerprint`). ``images`` may be a
+    :class:`~sslbench.lazy_images.LazyImages` (decoded on indexing) for datasets too large for memory.
     """
 
     images: Tensor
@@ -87,7 +91,8 @@ class ImageDataset:
         """The samples at ``indices`` (in that order); the fingerprint also hashes the indices."""
         index = torch.as_tensor(indices, dtype=torch.int64)
         digest = hashlib.sha256(self.fingerprint.encode() + index.numpy().tobytes()).hexdigest()[:20]
-        return ImageDataset(self.images[index], self.labels[index], list(self.classes), self.name, digest)
+        images = self.images.select(index) if isinstance(self.images, LazyImages) else self.images[index]
+        return ImageDataset(images, self.labels[index], list(self.classes), self.name, digest)
 
     def __repr__(self) -> str:
         c, (h, w) = self.channels, self.size
@@ -126,6 +131,14 @@ def _batch(dataset: ImageDataset, index: Tensor, device: torch.device | str | No
     return batch
 
 
+def _batches(dataset: ImageDataset, indices: Iterator[Tensor],
+             device: torch.device | str | None) -> Iterator[dict[str, Tensor]]:
+    """The batches of a sequence of index tensors: gathered from memory, or decoded by workers when lazy."""
+    if is_lazy(dataset):
+        return decoded_batches(dataset, indices, device)
+    return (_batch(dataset, index, device) for index in indices)
+
+
 class InMemoryLoader:
     """Shuffled training batches from an in-memory dataset, sharded across processes, resumable mid-epoch.
 
@@ -139,7 +152,8 @@ class InMemoryLoader:
     Iterating the loader runs through epoch after epoch without end, starting at ``start_step`` counted from
     the beginning of epoch 0 (a resumed run passes the number of batches already consumed); ``iter_epoch``
     gives a single epoch. Batches are ``{"images": uint8 (b, C, H, W), "labels": (b,), "index": (b,)}``,
-    ``b = B / P``, on ``device`` when given.
+    ``b = B / P``, on ``device`` when given. A lazy dataset's batches are decoded by DataLoader workers
+    (:mod:`sslbench.lazy_images`), in the same order.
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, seed: int = 0, num_processes: int = 1,
@@ -179,21 +193,28 @@ class InMemoryLoader:
         generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         return torch.randperm(n, generator=generator)
 
-    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Tensor]]:
-        """This process's batches of ``epoch``, beginning at step ``start_step`` of that epoch."""
+    def epoch_indices(self, epoch: int, start_step: int = 0) -> Iterator[Tensor]:
+        """This process's dataset indices of each batch of ``epoch``, beginning at step ``start_step``."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
         perm = self.permutation(epoch)
         lo = self.process_index * self.local_batch_size
         for step in range(start_step, self.steps_per_epoch):
             global_batch = perm[step * self.batch_size:(step + 1) * self.batch_size]
-            yield _batch(self.dataset, global_batch[lo:lo + self.local_batch_size], self.device)
+            yield global_batch[lo:lo + self.local_batch_size]
 
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+    def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Tensor]]:
+        """This process's batches of ``epoch``, beginning at step ``start_step`` of that epoch."""
+        return _batches(self.dataset, self.epoch_indices(epoch, start_step), self.device)
+
+    def _endless_indices(self) -> Iterator[Tensor]:
         epoch, step = divmod(self.start_step, self.steps_per_epoch)
         while True:
-            yield from self.iter_epoch(epoch, step)
+            yield from self.epoch_indices(epoch, step)
             epoch, step = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return _batches(self.dataset, self._endless_indices(), self.device)
 
 
 def eval_shard(num_samples: int, num_processes: int = 1, process_index: int = 0) -> range:
@@ -216,8 +237,9 @@ def iter_eval_batches(dataset: ImageDataset, batch_size: int, num_processes: int
     if batch_size < 1:
         raise UserError(f"evaluation batch_size must be >= 1, got {batch_size}")
     shard = eval_shard(len(dataset), num_processes, process_index)
-    for start in range(shard.start, shard.stop, batch_size):
-        yield _batch(dataset, torch.arange(start, min(start + batch_size, shard.stop)), device)
+    indices = (torch.arange(start, min(start + batch_size, shard.stop))
+               for start in range(shard.start, shard.stop, batch_size))
+    return _batches(dataset, indices, device)
 
 
 _SOURCE_EXPORTS = {"BUILTIN_SOURCES", "load_hf", "load_imagefolder", "load_disk", "load_parquet",

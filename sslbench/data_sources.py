@@ -3,7 +3,9 @@
 Every source is a function ``load_<source>(**options) -> ImageDataset`` plus an options schema; together they form
 :data:`BUILTIN_SOURCES`, which the plugin layer registers. Each source decodes its images once into a ``uint8``
 tensor (see :mod:`sslbench.data`); Hugging Face sources also cache that tensor on disk, keyed by the dataset's
-own fingerprint and our options, so the second run does not decode again.
+own fingerprint and our options, so the second run does not decode again. A Hugging Face source larger than
+``$SSLBENCH_MEMORY_LIMIT_GB`` (default 4) decoded is kept lazy instead and decoded per batch
+(:mod:`sslbench.lazy_images`; option ``storage``).
 
 >>> ds = load_digits(split="test", size=16)
 >>> ds.images.shape, ds.classes[:3]
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from .data import DataSource, ImageDataset, compute_fingerprint
 from .errors import UserError
+from .lazy_images import STORAGES, keep_lazy, lazy_images
 from .options import Option
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian/Ubuntu package `dataset-fashion-mnist`
@@ -221,7 +224,8 @@ def _load_cached(path: Path) -> ImageDataset | None:
 def _load_hf_kind(kind: str, path: str, split: str | None = "train", config: str | None = None,
                   image_column: str = "auto", label_column: str = "auto", resize: int | None = None,
                   resize_mode: str = "center_crop", channels: int | None = None, limit: int | None = None,
-                  cache: bool = True, cache_dir: str | None = None, hf_cache_dir: str | None = None) -> ImageDataset:
+                  cache: bool = True, cache_dir: str | None = None, hf_cache_dir: str | None = None,
+                  storage: str = "auto") -> ImageDataset:
     ds = _open_hf(kind, path, config, split, hf_cache_dir)
     what = f"{kind} dataset {path!r}"
     column = _image_column(ds.features, image_column, what)
@@ -236,6 +240,11 @@ def _load_hf_kind(kind: str, path: str, split: str | None = "train", config: str
     label = path if kind == "hf" else Path(path).name
     name = f"{label}" + (f"/{config}" if config else "") + (f":{split}" if split else "")
     cache_file = Path(cache_dir or default_cache_dir()) / f"{kind}-{key.hexdigest()[:24]}.pt"
+    if storage != "memory":
+        lazy = lazy_images(ds, column, channels, resize, resize_mode, what)
+        if keep_lazy(lazy, storage):  # ImageNet-size: decoded per batch, never cached whole
+            labels, classes = _labels(ds, label_column, what)
+            return ImageDataset(lazy, labels, classes, name, compute_fingerprint(identity, lazy, labels))
     if cache and (cached := _load_cached(cache_file)) is not None:
         return cached
     labels, classes = _labels(ds, label_column, what)
@@ -356,6 +365,8 @@ def _hf_schema(path_doc: str, split: Option | None, config: bool = False) -> dic
         "cache_dir": Option(None, str, f"decoded-tensor cache folder (default ${CACHE_ENV}/datasets or "
                                        "~/.cache/sslbench/datasets)", nullable=True),
         "hf_cache_dir": _HF_CACHE,
+        "storage": Option("auto", str, "memory: decode all once; lazy: decode per batch in DataLoader workers; "
+                                       "auto: lazy above $SSLBENCH_MEMORY_LIMIT_GB (4) decoded", choices=STORAGES),
     })
     return schema
 

@@ -56,6 +56,9 @@ BACKBONE = {
                         choices=("learned", "sincos")),
     "checkpoint": Option(None, str, "weights to start from (path)", nullable=True),
     "checkpoint_format": Option("timm", str, "format of the checkpoint (see `sslbench list`)"),
+    "checkpoint_trusted": Option(False, bool, "load a checkpoint that pickles Python objects besides tensors "
+                                              "(fairseq's data2vec 2.0 files); unpickling runs code from the "
+                                              "file: only for files from a trusted source"),
 }
 
 DATA = {
@@ -116,7 +119,7 @@ EVAL_COMMON = {
 SECTIONS = {"run": RUN, "backbone": BACKBONE, "data": DATA}
 TOP_LEVEL = ("run", "backbone", "data", "stages", "eval")
 # Keys that do not change what is computed, left out of the recipe hash.
-COSMETIC = {"run": ("output_dir", "checkpoint_every", "log_every", "trackers")}
+COSMETIC = {"run": ("output_dir", "checkpoint_every", "log_every", "trackers"), "backbone": ("checkpoint_trusted",)}
 
 
 def canonical_hash(obj: Any) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import UserError
+from .errors import RecipeError, UserError
 from .io import atomic_torch_save, atomic_write_text
 from .objective import DataInfo, StageContext
 from .recipe import protocol_hash, recipe_hash, to_toml
@@ -230,7 +230,10 @@ def run_recipe(path: str, *, resume: bool = False, force: bool = False, seed: in
     if seed is not None:
         recipe["run"]["seed"] = seed
         recipe["run"]["name"] = f"{recipe['run']['name']}-seed{seed}"
-    run = Run(recipe, registry, resume=resume, force=force)
+    try:
+        run = Run(recipe, registry, resume=resume, force=force)
+    except RecipeError as exc:  # raised while building (e.g. backbone.checkpoint_trusted): name the recipe file
+        raise (exc if exc.source else exc.with_source(str(path))) from None
     try:
         run.train(evaluate_stage=lambda stage_name: report_run(run, stage_name))
         report_run(run, recipe["stages"][-1]["name"])

@@ -41,16 +41,26 @@ def backbone_kwargs(recipe: dict, registry) -> dict:
 
 
 def build_model(recipe: dict, registry, load_weights: bool = True):
-    """The backbone of a recipe, with its checkpoint loaded. Returns (backbone, load report or None)."""
+    """The backbone of a recipe, with its checkpoint loaded. Returns (backbone, load report or None).
+
+    A checkpoint that pickles Python objects (fairseq's data2vec 2.0 files) is refused unless the recipe sets
+    ``backbone.checkpoint_trusted = true``: unpickling runs code from the file.
+    """
     from .backbone import build_backbone
-    from .checkpoints import load_checkpoint
+    from .checkpoints import UntrustedPickle, load_checkpoint
 
     spec = recipe["backbone"]
     backbone = build_backbone(spec["model"], **backbone_kwargs(recipe, registry))
     report = None
     if spec["checkpoint"] and load_weights:
         fmt = registry.get("checkpoint_format", spec["checkpoint_format"]).factory
-        report = load_checkpoint(backbone, spec["checkpoint"], fmt)
+        try:
+            report = load_checkpoint(backbone, spec["checkpoint"], fmt, allow_pickle=spec["checkpoint_trusted"])
+        except UntrustedPickle as exc:
+            raise RecipeError("backbone.checkpoint_trusted",
+                              f"{exc.path} pickles Python objects besides tensors ({exc.found}); loading it runs "
+                              "code from the file. If you trust its source, set backbone.checkpoint_trusted = true "
+                              "in the recipe (or re-save just its state dict)") from None
     return backbone, report
 
 
