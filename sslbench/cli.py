@@ -3,7 +3,8 @@
     sslbench list                          what plugins registered (and which failed to load)
     sslbench check RECIPE                  validate, print the resolved recipe, parameter counts and the plan
     sslbench run RECIPE [--resume]         train and evaluate; results in results/runs/<name>/
-    sslbench leaderboard [DIR] -o FILE     aggregate every run's metrics.csv into CSV + Markdown
+    sslbench eval RECIPE --checkpoint PATH evaluate an existing checkpoint with the recipe's [[eval]], no training
+    sslbench leaderboard [DIR] -o FILE     aggregate every run's metrics.csv into CSV + Markdown (--plots: PNGs)
 
 Errors caused by input (a bad recipe key, a missing file) print one line and exit with code 2; ``--debug`` shows
 the traceback.
@@ -39,9 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override run.seed (the run is named <name>-seed<N>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("eval", help="evaluate an existing checkpoint with a recipe's [[eval]] section, no training")
+    p.add_argument("recipe")
+    p.add_argument("--checkpoint", required=True, help="weights file (.pth/.pt/.safetensors)")
+    p.add_argument("--format", help="checkpoint format: timm, mae, data2vec2, sslbench, sslbench_ema or a plugin's "
+                                    "(default: sslbench for a run's backbone.pt, else the recipe's)")
+    p.add_argument("--name", help="output folder under run.output_dir (default: eval-<checkpoint>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     p = sub.add_parser("leaderboard", help="aggregate all runs into a leaderboard (CSV and Markdown)")
     p.add_argument("dir", nargs="?", default="results/runs")
     p.add_argument("-o", "--output", default="results/leaderboard.csv")
+    p.add_argument("--plots", action="store_true",
+                   help="also write PNGs to plots/ beside the leaderboard: per-block k-NN curves per run and "
+                        "main metrics per objective")
     return parser
 
 
@@ -63,12 +75,26 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["SSLBENCH_PROGRESS"] = "0"
             run_recipe(args.recipe, resume=args.resume, force=args.force, seed=args.seed)
             return 0
+        if args.command == "eval":
+            from .eval_checkpoint import evaluate_checkpoint
+
+            if args.no_progress:
+                os.environ["SSLBENCH_PROGRESS"] = "0"
+            evaluate_checkpoint(args.recipe, args.checkpoint, fmt=args.format, name=args.name,
+                                progress=not args.no_progress)
+            return 0
         if args.command == "leaderboard":
             from .results import collect_runs, build_leaderboard, write_leaderboard
 
-            board = build_leaderboard(collect_runs(args.dir))
+            rows = collect_runs(args.dir)
+            board = build_leaderboard(rows)
             write_leaderboard(board, args.output)
             print(f"{len(board)} rows → {args.output} and {os.path.splitext(args.output)[0]}.md")
+            if args.plots:
+                from .plots import write_leaderboard_plots
+
+                plots = write_leaderboard_plots(rows, board, os.path.join(os.path.dirname(args.output), "plots"))
+                print(f"{len(plots)} plots → {os.path.join(os.path.dirname(args.output) or '.', 'plots')}/")
             return 0
     except UserError as exc:
         if args.debug:

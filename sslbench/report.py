@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,7 +11,10 @@ from .recipe import protocol_hash, recipe_hash
 
 
 def metric_rows(recipe: dict, results, *, run_id: str, objective: str, stage: str, checkpoint: str) -> list[dict]:
-    """One row per (evaluator, metric, variant), carrying everything needed to compare it with other runs."""
+    """One row per (evaluator, metric, variant), carrying everything needed to compare it with other runs.
+
+    A result's ``extra`` (e.g. the configuration a linear probe chose) goes to the ``details`` column as JSON.
+    """
     from .results import hardware_description, versions
 
     common = {"run_id": run_id, "recipe_hash": recipe_hash(recipe)[:16], "protocol_hash": protocol_hash(recipe)[:16],
@@ -21,7 +25,8 @@ def metric_rows(recipe: dict, results, *, run_id: str, objective: str, stage: st
         variant = value.variant + (",ema" if table.get("use_ema") else "")
         rows.append({**common, "checkpoint": checkpoint + (" (ema)" if table.get("use_ema") else ""),
                      "evaluator": table["name"], "metric": value.metric, "variant": variant,
-                     "value": float(value.value), "selection_split": value.selection_split})
+                     "value": float(value.value), "selection_split": value.selection_split,
+                     "details": json.dumps(value.extra, sort_keys=True, default=str) if value.extra else ""})
     return rows
 
 
@@ -39,8 +44,6 @@ def dataset_label(recipe: dict) -> str:
 
 def report_run(run, stage_name: str) -> list[dict]:
     """Evaluate after a stage; write metrics.csv and refresh the leaderboard beside the runs folder."""
-    from .results import build_leaderboard, collect_runs, write_leaderboard, write_metrics
-
     recipe = run.recipe
     results = []
     for use_ema in (False, True):
@@ -55,9 +58,18 @@ def report_run(run, stage_name: str) -> list[dict]:
     recipe_name = re.sub(r"-seed\d+$", "", run.run_dir.name)
     rows = metric_rows(recipe, results, run_id=run.run_dir.name, objective=run.objective_chain(), stage=stage_name,
                        checkpoint=f"{start} → {recipe_name}/{stage_name}")
-    write_metrics(run.run_dir, rows)
-    for row in rows:
-        print(f"{row['evaluator']:>10} {row['metric']:<8} {row['variant']:<32} {row['value']:8.2f}")
-    runs_root = Path(recipe["run"]["output_dir"])
-    write_leaderboard(build_leaderboard(collect_runs(runs_root)), runs_root.parent / "leaderboard.csv")
+    publish_rows(run.run_dir, rows, Path(recipe["run"]["output_dir"]))
     return rows
+
+
+def publish_rows(run_dir: Path, rows: list[dict], runs_root: Path) -> None:
+    """Write a run's rows (``metrics.csv``, plus the per-block table and plot when it has per-block rows), print
+    them, and refresh the leaderboard beside the runs folder. Shared by ``sslbench run`` and ``sslbench eval``."""
+    from .plots import write_run_per_block
+    from .results import build_leaderboard, collect_runs, write_leaderboard, write_metrics
+
+    write_metrics(run_dir, rows)
+    write_run_per_block(run_dir)
+    for row in rows:
+        print(f"{row['evaluator']:>12} {row['metric']:<10} {row['variant']:<34} {row['value']:8.2f}")
+    write_leaderboard(build_leaderboard(collect_runs(runs_root)), runs_root.parent / "leaderboard.csv")

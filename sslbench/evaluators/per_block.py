@@ -8,12 +8,13 @@ stream after the final norm: ``"raw"`` / ``"normed"``).
 
 from __future__ import annotations
 
+import io
 import os
 import re
-import tempfile
 from typing import Any, Iterable, Mapping
 
 from ..errors import UserError
+from ..io import atomic_write_bytes
 from .knn import knn
 
 _BLOCK_KEY = re.compile(r"^block(\d+)/(.+)$")
@@ -102,13 +103,12 @@ def plot_per_block(
 
     matplotlib.use("Agg")  # no display needed; must precede pyplot's import
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     curves = {name: curve for name, curve in curves_from(data, metric).items() if curve}
     if not curves:
         raise UserError(f"plot_per_block: no values for metric {metric!r}")
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
 
     figure, axes = plt.subplots(figsize=(6, 4))
     try:
@@ -116,21 +116,16 @@ def plot_per_block(
             blocks = sorted(curve)
             axes.plot(blocks, [curve[b] for b in blocks], marker="o", label=name)
         axes.set_xlabel("block")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(f"k-NN {metric} (%)")
         if title:
             axes.set_title(title)
         axes.grid(alpha=0.3)
         axes.legend()
         figure.tight_layout()
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".plot-", suffix=".png")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                figure.savefig(stream, format="png", dpi=120)
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=120)
+        atomic_write_bytes(path, buffer.getvalue())     # temp file + rename, usual permissions
     finally:
         plt.close(figure)
     return path
