@@ -3,6 +3,7 @@
     sslbench list                          what plugins registered (and which failed to load)
     sslbench check RECIPE                  validate, print the resolved recipe, parameter counts and the plan
     sslbench run RECIPE [--resume]         train and evaluate; results in results/runs/<name>/
+    sslbench run RECIPE --dry-run          build everything, one optimiser step per stage on 2 synthetic images
     sslbench eval RECIPE --checkpoint PATH evaluate an existing checkpoint with the recipe's [[eval]], no training
     sslbench leaderboard [DIR] -o FILE     aggregate every run's metrics.csv into CSV + Markdown (--plots: PNGs)
 
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="delete an existing run folder of the same name first")
     p.add_argument("--seed", type=int, help="override run.seed (the run is named <name>-seed<N>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the full-size model, heads and optimiser and take one step per stage on 2 synthetic "
+                        "images on the CPU; print parameter counts, time and peak memory; write nothing")
 
     p = sub.add_parser("eval", help="evaluate an existing checkpoint with a recipe's [[eval]] section, no training")
     p.add_argument("recipe")
@@ -71,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from .runner import run_recipe
 
-            if args.no_progress:
+            if args.no_progress or args.dry_run:
                 os.environ["SSLBENCH_PROGRESS"] = "0"
+            if args.dry_run:
+                from .dry_run import dry_run_recipe
+
+                return dry_run_recipe(args.recipe, seed=args.seed)
             run_recipe(args.recipe, resume=args.resume, force=args.force, seed=args.seed)
             return 0
         if args.command == "eval":
