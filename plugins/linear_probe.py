@@ -58,7 +58,7 @@ class LinearProbe(Evaluator):
                             "sweeps both", item_type=bool),
         "epochs": Option(30, int, "passes over the fitting rows", min=1),
         "batch_size": Option(256, int, "rows per SGD step", min=1),
-        "val_fraction": Option(0.1, float, "stratified fraction of train held out to choose the head", min=0, max=1,
+        "val_fraction": Option(0.1, float, "stratified fraction of train held out to choose the head", min=0, max=0.5,
                                min_exclusive=True),
         "seed": Option(0, int, "seed of the held-out split, the initialisation and the batch order", min=0),
     }

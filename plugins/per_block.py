@@ -11,7 +11,7 @@ evaluator only returns rows; whoever writes a run's rows (``sslbench.report``) a
     [[eval]]
     name = "per_block"
     k = [10, 20]
-    norms = ["raw", "normed"]
+    norm = "both"
 """
 
 from __future__ import annotations
@@ -31,17 +31,14 @@ class PerBlock(Evaluator):
         "k": Option([10, 20], list, "numbers of neighbours", item_type=int, min=1),
         "temperature": Option(0.07, float, "vote weight exp(sim/τ)", min=0, min_exclusive=True),
         "standardize": Option(False, bool, "standardise each dimension with the training mean/std first"),
-        "norms": Option(["raw", "normed"], list, "token streams: the raw residual stream and/or after the final "
-                        "norm", item_type=str),
+        "norm": Option("both", str, "token stream: the raw residual stream, after the final norm, or both",
+                       choices=("both", "raw", "normed")),
         "blocks": Option([], list, "blocks to probe (0-based, negatives from the end); empty: every block",
                          item_type=int),
     }
 
     def requests(self, depth):
-        norms = list(dict.fromkeys(self.opts["norms"]))
-        bad = [n for n in norms if n not in ("raw", "normed")]
-        if bad or not norms:
-            raise UserError(f"norms: got {self.opts['norms']}, expected a non-empty list of 'raw' and 'normed'")
+        norms = ["raw", "normed"] if self.opts["norm"] == "both" else [self.opts["norm"]]
         blocks = self.opts["blocks"] or list(range(depth))
         outside = [b for b in blocks if not -depth <= b < depth]
         if outside:

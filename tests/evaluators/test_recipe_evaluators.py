@@ -103,10 +103,10 @@ def test_per_block_rows_are_knn_of_every_block_and_parse():
 
 
 def test_per_block_block_and_norm_options():
-    only_last = build("per_block", {"blocks": [-1, 3], "norms": ["normed"]})
+    only_last = build("per_block", {"blocks": [-1, 3], "norm": "normed"})
     assert only_last.requests(4) == [FeatureRequest(3, "cls", "normed")]
-    with pytest.raises(UserError, match="norms"):
-        build("per_block", {"norms": ["final"]}).requests(4)
+    with pytest.raises(UserError, match="norm"):
+        build("per_block", {"norm": "final"})
     with pytest.raises(UserError, match="blocks"):
         build("per_block", {"blocks": [4]}).requests(4)
 
