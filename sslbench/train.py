@@ -135,7 +135,9 @@ class StageTrainer:
             for i, batch in enumerate(micro):
                 batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
                 images = batch["images"].float().div_(255)
-                rng = step_rng(seed, progress.global_step * self.stage["grad_accum"] + i, batch["index"])
+                # Keyed by the optimiser step, not the micro-step: each sample occurs once per global batch, so
+                # its augmentations and masks are the same whatever the accumulation or the number of processes.
+                rng = step_rng(seed, progress.global_step, batch["index"])
                 batch["rng"] = rng
                 views = self.views(images, rng)
                 last = i == len(micro) - 1
