@@ -1,0 +1,142 @@
+"""MAE-CT — contrastive tuning of a pre-trained MAE with an NNCLR head (Lehner et al. 2023, arXiv 2304.10520).
+Implementation facts: ``docs/METHODS.md`` (MAE-CT).
+
+**Head.** Projector Linear(D→2048, no bias)–BN–ReLU–Linear–BN–ReLU–Linear(→256)–BN and predictor
+Linear(256→4096)–BN–ReLU–Linear(→256) (:func:`sslbench.modules.maect_projector` / ``maect_predictor``), on the CLS
+token after the final norm (``pooling = "cls"``, ViT-L/H) or the mean of the final-normed patch tokens
+(``pooling = "mean_patch"``, ViT-B). Each view passes the head separately (per-view BatchNorm statistics, taken over
+the global batch of all processes).
+
+**Views.** Two independent random-resized crops (0.08, 1) + flip, nothing else (:func:`sslbench.views.maect_views`).
+
+**Target projector and queue.** An EMA copy of the projector (``target_momentum``: 0.99 for B/L, 0.995 for H; kept
+in train mode like the online one) projects both views for the nearest-neighbour lookup and for the queue. With
+``target_momentum = 0`` the online projector's (detached) output is used instead — the official head-preparation
+head — and the copy simply follows the projector, so a following stage starts its EMA from the prepared projector.
+The copy's weights are buffers, not parameters: no optimiser, freeze pattern or DDP ever treats them as trainable.
+The queue (:class:`sslbench.modules.NNQueue`, ``queue_size`` entries) stores L2-normalised target projections of
+view 0, gathered over processes, with their dataset ids; same-id entries are excluded from the lookup; the neighbour
+is the top-1 (``topk = 1``, head preparation) or a uniform pick among the top-20 (tuning), drawn from the step's
+per-sample keyed streams so that N processes pick what one process picks.
+
+**Loss.** Symmetric NNCLR (:func:`sslbench.losses.symmetric_nnclr_loss`): ½[CE(nn₁·p₀ᵀ/τ) + CE(nn₀·p₁ᵀ/τ)] with the
+predictions gathered over processes with gradient; τ 0.15 (B), 0.2 (L), 0.3 (H).
+
+**Stages** (phase 1 is the MAE pre-training, e.g. the ``mae`` objective or an official checkpoint)::
+
+    [[stages]]                         # phase 2: head preparation, encoder frozen
+    objective = "mae_ct"
+    freeze = ["backbone"]
+    [stages.options]
+    target_momentum = 0.0
+    topk = 1
+    [[stages]]                         # phase 3: contrastive tuning
+    freeze = ["blocks[:50%]"]          # the first half of the blocks and the stem (patch/CLS/position embeddings)
+    layer_decay = 0.65
+    optimizer = { lr = 1e-4, betas = [0.9, 0.95], weight_decay = 0.05 }
+    schedule = { warmup_fraction = 0.2 }
+    [stages.options]
+    target_momentum = 0.99
+    topk = 20
+
+Deviation: our predictor's last Linear has a bias (the official code's has none).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import sslbench
+from sslbench import distributed
+from sslbench.losses import symmetric_nnclr_loss
+from sslbench.modules import NNQueue, convert_sync_batchnorm, maect_predictor, maect_projector
+from sslbench.objective import DataInfo, Objective
+from sslbench.options import Option
+from sslbench.views import maect_views
+from sslbench_plugins.mim_refiner import ignore_in_ddp, keyed_lookup
+
+POOLINGS = ("cls", "mean_patch")
+
+
+def parameters_as_buffers(module: nn.Module) -> nn.Module:
+    """Turn every parameter of ``module`` into a buffer of the same name (a frozen copy that nothing trains)."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                del sub._parameters[name]
+                sub.register_buffer(name, param.detach().clone())
+    return module
+
+
+class MAECT(Objective):
+    name = "mae_ct"
+    description = "MAE-CT: NNCLR contrastive tuning of a MAE encoder with an EMA target projector (Lehner et al. 2023)"
+    options = {
+        "pooling": Option("cls", str, "head input: CLS after the final norm, or the mean of the patch tokens",
+                          choices=POOLINGS),
+        "proj_hidden": Option(2048, int, "projector hidden width", min=1),
+        "proj_out": Option(256, int, "projector output width", min=1),
+        "pred_hidden": Option(4096, int, "predictor hidden width", min=1),
+        "queue_size": Option(65536, int, "nearest-neighbour queue length", min=1),
+        "temperature": Option(0.15, float, "NNCLR temperature (B 0.15, L 0.2, H 0.3)", min=0, min_exclusive=True),
+        "topk": Option(1, int, "neighbour = uniform pick among the top-k (head preparation 1, tuning 20)", min=1),
+        "target_momentum": Option(0.99, float, "EMA momentum of the target projector used for the lookup and the "
+                                  "queue (0: the online projector, as in head preparation)", min=0, max=1),
+    }
+    fixed_options = ("proj_hidden", "proj_out", "pred_hidden", "queue_size")
+
+    def __init__(self, backbone, opts, context):
+        super().__init__(backbone, opts, context)
+        self.projector = convert_sync_batchnorm(maect_projector(backbone.embed_dim, opts["proj_hidden"],
+                                                                opts["proj_out"]))
+        self.predictor = convert_sync_batchnorm(maect_predictor(opts["proj_out"], opts["pred_hidden"]))
+        self.target_projector = parameters_as_buffers(convert_sync_batchnorm(maect_projector(
+            backbone.embed_dim, opts["proj_hidden"], opts["proj_out"])))
+        self.target_projector.load_state_dict(self.projector.state_dict())
+        self.queue = NNQueue(opts["queue_size"], opts["proj_out"], normalize=True)
+        ignore_in_ddp(self, [n for n, _ in self.named_buffers() if n.startswith(("queue.", "target_projector."))])
+
+    def views(self, data: DataInfo):
+        return maect_views(data.image_size, data.mean, data.std)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.opts["pooling"] == "cls":
+            return tokens[:, 0]
+        return tokens[:, self.backbone.num_prefix_tokens:].mean(dim=1)
+
+    def forward(self, views, batch):
+        o = self.opts
+        if len(views) != 2:
+            raise ValueError(f"MAE-CT takes 2 views, got {len(views)}")
+        features = self.pool(self.backbone(torch.cat(views)).tokens).chunk(2)   # the encoder has no BN: one pass
+        projected = [self.projector(f) for f in features]                        # the head: one pass per view
+        predicted = [distributed.gather_with_grad(self.predictor(z)) for z in projected]
+        with torch.no_grad():
+            if o["target_momentum"] > 0:
+                targets = [self.target_projector(f.detach()) for f in features]
+            else:
+                targets = [z.detach() for z in projected]
+        ids = batch["index"]
+        uniform = batch["rng"].rand(2) if o["topk"] > 1 and "rng" in batch else None    # (B, 2)
+        nn0, nn1 = (keyed_lookup(self.queue, t, ids, o["topk"], None if uniform is None else uniform[:, v])
+                    for v, t in enumerate(targets))
+        loss = symmetric_nnclr_loss(nn0, nn1, predicted[0], predicted[1], o["temperature"])
+        if self.training:
+            self.queue.enqueue(distributed.gather(targets[0]), distributed.gather(ids))
+        return {"loss": loss, "logs": {}}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """Move the target projector towards the projector (a plain copy when ``target_momentum`` is 0)."""
+        m = self.opts["target_momentum"]
+        target = dict(self.target_projector.named_buffers())
+        for name, param in self.projector.named_parameters():
+            target[name].lerp_(param.detach().to(target[name].dtype), 1.0 - m)
+        for name, buffer in self.projector.named_buffers():
+            target[name].copy_(buffer)
+
+
+@sslbench.hookimpl
+def register_objectives(register):
+    register("mae_ct", MAECT)

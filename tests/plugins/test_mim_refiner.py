@@ -1,0 +1,262 @@
+"""The mim_refiner objective: view pairing, head placement, gradients per stage, the queue across stages and
+checkpoints, two gloo processes against one, and a two-stage recipe through `sslbench run`."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import sslbench
+from sslbench.backbone import build_backbone
+from sslbench.cli import main
+from sslbench.objective import DataInfo, StageContext
+from sslbench.optim import frozen_names, param_groups
+from sslbench.options import validate_options
+from sslbench.rng import KeyedRandom
+from sslbench_plugins.mim_refiner import (MIMRefiner, keyed_lookup, patch_tokens_any_size, proportional_blocks,
+                                          view_pairs)
+from sslbench.modules import NNQueue
+
+SMALL = {"proj_hidden": 32, "proj_out": 8, "pred_hidden": 16, "queue_size": 12, "local_views": 2}
+INFO = DataInfo(image_size=16, channels=1, mean=(0.5,), std=(0.5,), num_samples=64)
+
+
+def tiny_backbone(depth: int = 2):
+    return build_backbone("vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=depth,
+                          num_heads=2, pos_embed="sincos")
+
+
+def make(seed: int = 0, depth: int = 2, **options) -> MIMRefiner:
+    torch.manual_seed(seed)
+    opts = validate_options(MIMRefiner.options, {**SMALL, **options}, "options")
+    return MIMRefiner(tiny_backbone(depth), opts, StageContext(0, 1, 1, 1, 0, 0))
+
+
+@functools.lru_cache
+def _digits() -> torch.Tensor:
+    from sslbench.data_sources import load_digits
+
+    return load_digits("train", size=16, limit=64).images
+
+
+def images(n: int = 8, seed: int = 1) -> torch.Tensor:
+    """``n`` distinct real images (digits, 16 px): random noise would make every queue entry a near-tie."""
+    return _digits()[8 * seed:8 * seed + n]
+
+
+def step_inputs(objective, imgs, index, step):
+    rng = KeyedRandom(0, step, index)
+    views = objective.views(INFO)(imgs.float() / 255, rng)
+    return [v.to(torch.get_default_dtype()) for v in views], {"index": index, "rng": rng}
+
+
+def stage(freeze: list[str], layer_decay: float = 1.0) -> dict:
+    """The stage keys that freezing and parameter groups read."""
+    return {"freeze": freeze, "layer_decay": layer_decay, "optimizer": {"weight_decay": 0.05, "head_weight_decay": None}}
+
+
+# ------------------------------------------------------------------------------------------- pairing, placement
+
+@pytest.mark.parametrize("g, l", [(2, 10), (2, 0), (3, 4), (1, 3)])
+def test_intended_pairing_is_every_global_with_every_other_view(g, l):
+    pairs = view_pairs(g, l)
+    assert len(pairs) == g * (g - 1) + g * l == len(set(pairs))
+    assert all(i < g and j != i and j < g + l for i, j in pairs)
+    assert {j for _, j in pairs} == set(range(g + l)) - ({0} if g == 1 else set())
+
+
+def test_official_pairing_indexes_locals_from_view_zero():
+    pairs = view_pairs(2, 10, "official")
+    assert len(pairs) == 22                                   # same count …
+    local_terms = pairs[2:]
+    assert [j for i, j in local_terms if i == 0] == list(range(10))   # … but global0, global1, local0..7
+    assert (0, 0) in pairs and (1, 1) in pairs                # a global view paired with itself
+    assert not {10, 11} & {j for _, j in pairs}               # local8 and local9 never used
+    with pytest.raises(ValueError, match="pairing"):
+        view_pairs(2, 2, "nope")
+
+
+def test_proportional_and_explicit_head_placement():
+    assert proportional_blocks(24, 16 / 24, 22 / 24) == list(range(16, 23))   # ViT-L/16 of the paper
+    assert proportional_blocks(12, 16 / 24, 22 / 24) == [8, 9, 10, 11]
+    assert proportional_blocks(2, 16 / 24, 22 / 24) == [1]
+    assert list(make(depth=4).heads) == ["out", "block3"]
+    assert list(make(depth=4, head_blocks=[-1, 1, 1]).heads) == ["out", "block1", "block3"]
+    assert list(make(depth=4, head_blocks=[2], output_head=False).heads) == ["block2"]
+    with pytest.raises(sslbench.RecipeError, match="head_blocks"):
+        make(head_blocks=[5])
+    with pytest.raises(sslbench.RecipeError, match="head_weights"):
+        make(head_weights=[1.0])
+
+
+def test_heads_see_the_raw_cls_of_their_block_and_the_normed_output():
+    objective = make(depth=3, head_blocks=[0, 1]).eval()
+    views, _ = step_inputs(objective, images(4), torch.arange(4), 0)
+    inputs = objective.head_inputs(views)
+    out = objective.backbone(torch.cat(views[:2]), blocks=[0, 1], out="both")
+    assert torch.allclose(inputs["out"][:8], out.tokens[:, 0], atol=1e-6)
+    assert torch.allclose(inputs["block0"][:8], out.raw[0][:, 0], atol=1e-6)
+    assert not torch.allclose(inputs["block1"][:8], out.normed[1][:, 0], atol=1e-3)
+    assert inputs["out"].shape == (4 * 4, 32)                 # all 2 global + 2 local views, view-major
+
+
+def test_local_views_use_the_position_embedding_resized_to_their_grid():
+    backbone = tiny_backbone()
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.allclose(patch_tokens_any_size(backbone, x), backbone.patch_tokens(x))
+    small = patch_tokens_any_size(backbone, torch.zeros(2, 1, 8, 8))        # conv of zeros = bias
+    assert small.shape == (2, 4, 32)
+    bias = backbone.vit.patch_embed.proj.bias
+    assert torch.allclose(small - bias, (small - bias)[:1].expand_as(small))
+    assert make().local_size(28) == 12 and make().local_size(16) == 8
+
+
+# ------------------------------------------------------------------------------------------------- gradients
+
+def _train_step(objective, stage_cfg, step=0):
+    frozen = frozen_names(objective, stage_cfg["freeze"], objective.backbone.depth, "freeze")
+    param_groups(objective, objective.backbone, stage_cfg, frozen)          # sets requires_grad as the trainer does
+    objective.zero_grad(set_to_none=True)
+    views, batch = step_inputs(objective, images(8), torch.arange(8), step)
+    out = objective(views, batch)
+    out["loss"].backward()
+    return out
+
+
+def test_frozen_encoder_stage_trains_heads_only():
+    objective = make(depth=2, head_blocks=[0])
+    out = _train_step(objective, stage(freeze=["backbone"]))
+    assert set(out["logs"]) == {"loss_out", "loss_block0"}
+    assert all(p.grad is None for p in objective.backbone.parameters())
+    for name, p in objective.heads.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert not any(b.requires_grad for b in objective.buffers())
+
+
+def test_a_block_head_trains_only_the_blocks_below_it():
+    objective = make(depth=3, head_blocks=[0], output_head=False)
+    _train_step(objective, stage(freeze=[]))
+    grads = {n: p.grad for n, p in objective.backbone.named_parameters() if p.requires_grad}
+    assert all(g is not None for n, g in grads.items() if n.startswith(("vit.blocks.0.", "vit.patch_embed")))
+    assert all(g is None for n, g in grads.items() if n.startswith(("vit.blocks.1.", "vit.blocks.2.", "vit.norm.")))
+
+
+def test_weighted_sum_over_heads():
+    a, b = make(), make(head_weights=[2.0, 0.5])
+    views, batch = step_inputs(a, images(8), torch.arange(8), 0)
+    out_a, out_b = a(views, batch), b(views, batch)
+    assert torch.allclose(out_a["loss"], out_a["logs"]["loss_out"] + out_a["logs"]["loss_block1"])
+    assert torch.allclose(out_b["loss"], 2 * out_b["logs"]["loss_out"] + 0.5 * out_b["logs"]["loss_block1"])
+
+
+# --------------------------------------------------------------------------------------------------- queue
+
+def test_queue_fills_with_view0_carries_over_stages_and_round_trips_state_dict():
+    objective = make()
+    for step in range(2):
+        views, batch = step_inputs(objective, images(8, seed=step), torch.arange(8) + 8 * step, step)
+        objective(views, batch)
+    queue = objective.heads["out"].queue
+    assert int(queue.filled) == 12 and int(queue.ptr) == 4
+    assert sorted(queue.ids.tolist()) == list(range(4, 16))
+    before = {k: v.clone() for k, v in objective.state_dict().items() if ".queue." in k}
+    assert len(before) == 2 * 4                               # values, ids, ptr, filled for both heads
+
+    objective.start_stage({**objective.opts, "topk": 20}, StageContext(1, 1, 1, 1, 0, 0))
+    assert all(torch.equal(objective.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(sslbench.RecipeError, match="stages\\[1\\].options.queue_size"):
+        objective.start_stage({**objective.opts, "queue_size": 99}, StageContext(1, 1, 1, 1, 0, 0))
+
+    restored = make(seed=5)
+    restored.start_stage(objective.opts, StageContext(1, 1, 1, 1, 0, 0))
+    restored.load_state_dict(objective.state_dict())
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in before.items())
+    losses = [model.eval()(*step_inputs(model, images(8, seed=5), torch.arange(8) + 16, 2))["loss"]
+              for model in (objective, restored)]
+    assert torch.equal(*losses)
+
+
+def test_keyed_topk_pick_depends_on_the_row_not_on_the_batch_split():
+    queue = NNQueue(10, 2, normalize=False)
+    angles = torch.linspace(0, 1.5, 10)
+    queue.enqueue(torch.stack([angles.cos(), angles.sin()], 1), torch.arange(10) + 100)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.2]])
+    u = torch.tensor([0.0, 0.99, 0.5, 0.3])
+    whole = keyed_lookup(queue, x, torch.arange(4), topk=3, uniform=u)
+    halves = torch.cat([keyed_lookup(queue, x[:2], torch.arange(2), 3, u[:2]),
+                        keyed_lookup(queue, x[2:], torch.arange(2, 4), 3, u[2:])])
+    assert torch.equal(whole, halves)
+    top3 = (torch.nn.functional.normalize(x, dim=1) @ queue.values.T).topk(3).indices
+    assert torch.equal(whole[0], queue.values[top3[0, 0]]) and torch.equal(whole[1], queue.values[top3[1, 2]])
+    assert torch.equal(keyed_lookup(queue, x, torch.arange(4), 1, u), queue.lookup(x, torch.arange(4)))
+
+
+# ------------------------------------------------------------------------------------ 2 processes = 1 process
+
+WORLD, GLOBAL_BATCH = 2, 8
+
+
+def _one_step(objective, model, rank: int, world: int) -> dict:
+    """One refinement step on a fixed global batch; this process takes its contiguous slice (as the loader does).
+
+    The queues start with the same 12 entries on every process (ids overlapping the batch's, so the self-id
+    exclusion acts) and the neighbour is a keyed pick among the top 3. One step only: this random-init ViT's raw
+    CLS tokens barely differ between images, so the heads' BatchNorm amplifies float32 rounding (summation orders
+    differ between one and two processes) more with every update.
+    """
+    generator = torch.Generator().manual_seed(3)
+    for head in objective.heads.values():
+        head.queue.enqueue(torch.randn(12, head.queue.dim, generator=generator), torch.arange(12) * 2)
+    objective.opts["topk"] = 3
+    optimizer = torch.optim.SGD([p for p in objective.parameters() if p.requires_grad], lr=1e-3)
+    local = GLOBAL_BATCH // world
+    mine = slice(rank * local, (rank + 1) * local)
+    index = torch.arange(GLOBAL_BATCH) * 7 % 23                               # 0, 7, 14, 21, 5, 12, 19, 3
+    views, batch = step_inputs(objective, images(GLOBAL_BATCH)[mine], index[mine], 0)
+    loss = model(views, batch)["loss"]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
+    optimizer.step()
+    objective.after_step(0)
+    loss = loss.detach()
+    if world > 1:
+        dist.all_reduce(loss)
+    return {"loss": loss.item() / world, "grads": grads,
+            "state": {k: v.clone() for k, v in objective.state_dict().items()}}
+
+
+def _worker(rank: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        objective = make(local_views=2, queue_size=16)
+        model = DistributedDataParallel(objective, find_unused_parameters=False)   # as Accelerate wraps it
+        result = _one_step(objective, model, rank, WORLD)
+        if rank == 0:
+            torch.save(result, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    out_file = str(tmp_path / "two.pt")
+    try:
+        mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), out_file), nprocs=WORLD, join=True)
+    except mp.ProcessRaisedException as error:
+        pytest.fail(str(error))
+    objective = make(local_views=2, queue_size=16)
+    want = _one_step(objective, objective, 0, 1)
+    got = torch.load(out_file)
+    assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+    state = want["state"]
+    assert int(state["heads.out.queue.filled"]) == 16 and int(state["heads.out.queue.ptr"]) == 4
+    for key, value in state.items():                          # queues (values, ids, pointers), BN statistics, weights
+        assert torch.allclose(got["state"][key].float(), value.float(), atol=1e-5), key
+    assert got["grads"].keys() == want["grads"].keys()        # DDP-averaged gradients = global-batch gradients
+    for name, grad in want["grads"].items():
+        assert (got["grads"][name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-6, name
