@@ -1,4 +1,5 @@
-"""Evaluator speed against scikit-learn, on the same synthetic clustered features, at equal results.
+"""Evaluator speed against scikit-learn, on the same synthetic clustered features, at equal results; and the
+feature cache's hit speed-up.
 
     python benchmarks/bench_evaluators.py --train 60000 --test 10000 --dim 192
 
@@ -13,6 +14,14 @@ values (they must agree), both times and the speed-up:
   gradient tolerance 1e-8 on the same objective (see ``sslbench/evaluators/low_shot.py``).
 * clustering (k = 10, 10 k-means++ restarts): ``clustering`` vs ``KMeans(n_init=10)`` on the same L2-normalised
   features, scored by the same metric code.
+
+* feature cache (``--only cache``): ``extract_features`` of a ViT-Ti (timm ``vit_tiny_patch16_224``: width 192,
+  12 blocks, 3 heads) on ``--cache-images`` random 28-px grey images (``--cache-patch`` 7: 16 tokens + CLS, as
+  ``recipes/fmnist/mae.toml``; 4: 49 tokens + CLS), first call
+  (forward passes + writing the cache) against a second identical call (weights fingerprint + reading the cache),
+  for the last block's CLS token (with ``--cache-all-blocks`` also for every block's CLS token raw and normed, what
+  ``per_block`` asks for: the same forward passes, 24 cache files).
+  The features read back must equal the computed ones exactly.
 
 Both sides are warmed up on a tiny problem first (imports, lazy initialisation), then each measurement is the best of
 ``--repeats`` runs. Features: ``--classes`` Gaussian clusters with centres of norm ~ ``--separation`` and unit noise.
@@ -110,6 +119,41 @@ def sklearn_clustering(features, labels, classes, seed=0) -> dict:
             "ami": 100 * skm.adjusted_mutual_info_score(labels, ids), "ari": 100 * skm.adjusted_rand_score(labels, ids)}
 
 
+# ---------------------------------------------------------------- the feature cache
+
+def cache_benchmark(images: int, batch_size: int, seed: int, all_blocks: bool = False, patch: int = 7) -> None:
+    """First extraction vs cache hit for the same checkpoint, data, transform and layers (see the docstring)."""
+    import tempfile
+
+    from sslbench.backbone import build_backbone
+    from sslbench.data import ImageDataset
+    from sslbench.features import FeatureRequest, extract_features
+    from sslbench.views import EvalTransform
+
+    torch.manual_seed(seed)
+    backbone = build_backbone("vit_tiny_patch16_224", img_size=28, patch_size=patch, in_chans=1, pos_embed="sincos")
+    g = torch.Generator().manual_seed(seed)
+    data = ImageDataset(torch.randint(0, 256, (images, 1, 28, 28), generator=g, dtype=torch.uint8),
+                        torch.randint(10, (images,), generator=g), [str(c) for c in range(10)], "random",
+                        f"random-{images}-{seed}")
+    transform = EvalTransform(28, mean=(0.5,), std=(0.5,))
+    cases = {"last block CLS": [FeatureRequest(-1, "cls", "normed")]}
+    if all_blocks:
+        cases["every block CLS raw+normed"] = [FeatureRequest(b, "cls", n) for b in range(backbone.depth)
+                                               for n in ("raw", "normed")]
+    print(f"\n# feature cache: ViT-Ti (192 wide, 12 blocks) at 28 px, {patch}-px patches, {images} images, "
+          f"batch {batch_size}, threads {torch.get_num_threads()}")
+    print(f"| {'requests':<28} | {'first s':>8} | {'cache hit s':>11} | {'speed-up':>8} |")
+    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 13}|{'-' * 10}|")
+    for name, requests in cases.items():
+        with tempfile.TemporaryDirectory() as cache:
+            kwargs = dict(transform=transform, batch_size=batch_size, cache_dir=cache, progress=False)
+            first_s, first = timed(lambda: extract_features(backbone, data, requests, **kwargs))
+            hit_s, hit = timed(lambda: extract_features(backbone, data, requests, **kwargs))
+            assert all(torch.equal(first[r], hit[r]) for r in requests), "the cache returned other features"
+        print(f"| {name:<28} | {first_s:8.2f} | {hit_s:11.3f} | {first_s / hit_s:7.0f}x |", flush=True)
+
+
 # ---------------------------------------------------------------- the comparison
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,8 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--separation", type=float, default=3.0, help="norm of the class centres (noise: 1)")
     parser.add_argument("--cluster-on", choices=("train", "test"), default="train")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--only", nargs="*", choices=("knn", "low_shot", "clustering"),
-                        default=["knn", "low_shot", "clustering"])
+    parser.add_argument("--only", nargs="*", choices=("knn", "low_shot", "clustering", "cache"),
+                        default=["knn", "low_shot", "clustering", "cache"])
+    parser.add_argument("--cache-images", type=int, default=10_000, help="images for the feature-cache benchmark")
+    parser.add_argument("--cache-batch", type=int, default=256, help="extraction batch size (eval_batch_size)")
+    parser.add_argument("--cache-all-blocks", action="store_true", help="also time the per-block request set")
+    parser.add_argument("--cache-patch", type=int, default=7, choices=(4, 7, 14), help="patch size of the ViT-Ti")
     parser.add_argument("--threads", type=int, default=None,
                         help="limit both sides to this many threads (torch, and BLAS/OpenMP via threadpoolctl); "
                              "1 gives the most reproducible figures on a shared machine")
@@ -163,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| {'evaluator':<10} | {'metric':<14} | {'sslbench':>9} | {'sklearn':>9} | "
           f"{'sslbench s':>10} | {'sklearn s':>9} | {'speed-up':>8} |")
     print(f"|{'-' * 12}|{'-' * 16}|{'-' * 11}|{'-' * 11}|{'-' * 12}|{'-' * 11}|{'-' * 10}|")
-    for name in args.only:
+    for name in (n for n in args.only if n in jobs):
         ours_fn, theirs_fn = jobs[name]
         ours_s, ours, theirs_s, theirs = best_times(ours_fn, theirs_fn, args.repeats)
         for i, metric in enumerate(theirs):
@@ -171,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
                      else f"{'':>10} | {'':>9} | {'':>8}")
             print(f"| {name if i == 0 else '':<10} | {metric:<14} | {ours[metric]:9.2f} | {theirs[metric]:9.2f} | "
                   f"{times} |", flush=True)
+    if "cache" in args.only:
+        cache_benchmark(args.cache_images, args.cache_batch, args.seed, args.cache_all_blocks, args.cache_patch)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ checkpoints, two gloo processes against one, and a two-stage recipe through `ssl
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -259,4 +260,30 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert torch.allclose(got["state"][key].float(), value.float(), atol=1e-5), key
     assert got["grads"].keys() == want["grads"].keys()        # DDP-averaged gradients = global-batch gradients
     for name, grad in want["grads"].items():
-        assert (got["grads"][name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-6, name
+        assert (got["grads"][name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-5, name
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+def test_two_stage_recipe_runs_carries_the_queue_and_evaluates_the_ema(tmp_path, tiny_recipe, write_recipe):
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["run"]["name"] = "refine"
+    heads = {**SMALL, "queue_size": 64}
+    recipe["stages"] = [
+        {"name": "heads", "objective": "mim_refiner", "steps": 2, "batch_size": 16, "freeze": ["backbone"],
+         "optimizer": {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 1e-5}, "options": heads},
+        {"name": "refine", "steps": 2, "freeze": [], "layer_decay": 0.65, "ema_momentum": 0.99,
+         "optimizer": {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.05, "head_weight_decay": 1e-5},
+         "options": {**heads, "topk": 2}},
+    ]
+    recipe["eval"] = [{"name": "knn", "k": [5], "use_ema": True}]
+    assert main(["run", str(write_recipe(recipe)), "--no-progress"]) == 0
+    run_dir = tmp_path / "runs" / "refine"
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert state["objective_name"] == "mim_refiner" and state["progress"]["finished"]
+    for head in ("out", "block1"):                              # both stages' view-0 vectors, queue carried over
+        assert int(state["objective"][f"heads.{head}.queue.filled"]) == 4 * 16
+    assert state["ema"] is not None
+    log = (run_dir / "log.jsonl").read_text()
+    assert "loss_block1" in log and '"stage": 1' in log
+    assert "knn" in (run_dir / "metrics.csv").read_text()
