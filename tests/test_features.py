@@ -139,6 +139,19 @@ def test_features_equal_direct_forward_with_one_forward_per_batch(backbone) -> N
     torch.testing.assert_close(feats[REQUESTS[2]][:, :32], tokens[:, 0], rtol=1e-5, atol=1e-5)
 
 
+def test_per_batch_features_do_not_hold_the_block_outputs(backbone) -> None:
+    """Each pooled feature owns just its (B, D) values: a view such as tokens[:, 0] would keep the whole
+    (B, tokens, D) block output alive until extraction ends (OOM for per-block probes of a real dataset)."""
+    from sslbench.features import _forward_batch
+
+    images = grey_transform()(to_float(tiny_dataset(4).images))
+    requests = [r.resolve(len(backbone.vit.blocks)) for r in REQUESTS]
+    with torch.inference_mode():
+        pooled = _forward_batch(backbone, images, requests, backbone.vit.num_prefix_tokens)
+    for request, features in zip(requests, pooled):
+        assert features.untyped_storage().nbytes() == features.numel() * features.element_size(), request
+
+
 def test_batch_size_does_not_change_features(backbone) -> None:
     dataset = tiny_dataset()
     a = extract_features(backbone, dataset, REQUESTS[:2], transform=grey_transform(), batch_size=3, progress=False)
