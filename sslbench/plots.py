@@ -101,7 +101,8 @@ def write_run_per_block(run_dir: str | os.PathLike) -> list[Path]:
     table = per_block_table(rows)
     if table.empty:
         return []
-    atomic_write_csv(table, run_dir / "per_block.csv", index=False)
+    # Round away the float noise of the pivot (75.03999999999999): the metrics are stored to 2 decimals.
+    atomic_write_csv(table.round(6), run_dir / "per_block.csv", index=False)
     written = [run_dir / "per_block.csv"]
     title = f"{run_dir.name}: k-NN accuracy per block"
     plot = plot_per_block_rows(rows, run_dir / "per_block.png", title=title)

@@ -30,12 +30,15 @@ def is_png(path) -> bool:
 
 def test_per_block_table_and_run_files(tmp_path):
     rows = per_block_rows("a") + [row("a", "knn", "top1", "k=20,b2.cls.normed", 70.0)]
+    rows[0]["value"] = 7504 / 10000 * 100  # 75.03999999999999, as an accuracy from counts comes out
     write_metrics(tmp_path, rows)
     written = write_run_per_block(tmp_path)
     assert [p.name for p in written] == ["per_block.csv", "per_block.png"] and is_png(tmp_path / "per_block.png")
     table = pd.read_csv(tmp_path / "per_block.csv")
     assert list(table["block"]) == [0, 1, 2] and table.loc[1, "top1@k=20,raw"] == 50 + 1 + 2 + 1
     assert {"top5@k=10,normed", "top1@k=10,raw"} <= set(table.columns)
+    text = (tmp_path / "per_block.csv").read_text()
+    assert "75.04" in text and "75.0399" not in text
 
 
 def test_per_block_table_ignores_other_rows_and_keeps_ema_streams():
