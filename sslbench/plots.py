@@ -17,6 +17,7 @@ Plots use matplotlib's Agg backend (no display) and are written atomically.
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 from pathlib import Path
@@ -136,6 +137,14 @@ def _labels(group: pd.DataFrame) -> list[str]:
     return labels
 
 
+def value_axis_limits(values: list[float]) -> tuple[float, float]:
+    """The bar chart's value range: refinements move accuracies by tenths of a point, which an axis from 0 would
+    hide, so it spans the bars with a margin of half their spread (at least 1 point), never below 0."""
+    low, high = min(values), max(values)
+    margin = max(1.0, 0.5 * (high - low))
+    return max(0.0, low - margin), high + margin
+
+
 def plot_main_metrics(group: pd.DataFrame, columns: list[str], path: Path, title: str) -> Path:
     """Grouped bars: one group per metric column, one bar per leaderboard row (error bars: std over seeds)."""
     plt = _pyplot()
@@ -143,12 +152,20 @@ def plot_main_metrics(group: pd.DataFrame, columns: list[str], path: Path, title
     width = 0.8 / rows
     figure, axes = plt.subplots(figsize=(max(6.0, 0.9 * len(columns) * max(1, rows / 2) + 2), 4.5))
     try:
+        shown: list[float] = []
         for i, (label, (_, record)) in enumerate(zip(_labels(group), group.iterrows())):
-            values = [float(record[c]) if pd.notna(record[c]) else 0.0 for c in columns]
+            # A missing cell is NaN: no bar, rather than a bar at 0 that reads as a result.
+            values = [float(record[c]) if pd.notna(record[c]) else math.nan for c in columns]
             errors = [float(record[f"{c} std"]) if f"{c} std" in record and pd.notna(record[f"{c} std"]) else 0.0
                       for c in columns]
             positions = [j + (i - (rows - 1) / 2) * width for j in range(len(columns))]
-            axes.bar(positions, values, width, yerr=errors if any(errors) else None, label=label, capsize=2)
+            bars = axes.bar(positions, values, width, yerr=errors if any(errors) else None, label=label, capsize=2)
+            axes.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.2f}" for v in values], fontsize=6,
+                           rotation=90, padding=2)
+            shown += [v - e for v, e in zip(values, errors) if not math.isnan(v)]
+            shown += [v + e for v, e in zip(values, errors) if not math.isnan(v)]
+        if shown:
+            axes.set_ylim(*value_axis_limits(shown))
         axes.set_xticks(range(len(columns)))
         axes.set_xticklabels(columns, rotation=30, ha="right", fontsize=7)
         axes.set_ylabel("value (%)")

@@ -229,6 +229,13 @@ def metric_column(evaluator: str, metric: str, variant: str) -> str:
     return f"{evaluator}/{metric}[{variant}]" if variant else f"{evaluator}/{metric}"
 
 
+def _without_ema_marker(variant: str, checkpoint: str) -> str:
+    """``variant`` without its ``ema`` part when ``checkpoint`` is labelled ``(ema)``; otherwise unchanged."""
+    if not str(checkpoint).endswith("(ema)"):
+        return variant
+    return ",".join(part for part in str(variant).split(",") if part != "ema")
+
+
 def _natural_key(text: str) -> tuple:
     """Sort ``k=10`` before ``k=100`` and ``b2`` before ``b11``."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
@@ -246,7 +253,10 @@ def build_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=[*key, "seeds", "latest_run"])
     rows = _normalise(df)
-    rows["column"] = [metric_column(e, m, v) for e, m, v in zip(rows["evaluator"], rows["metric"], rows["variant"])]
+    # An EMA row's checkpoint already says "(ema)" (part of the key): its variant's ",ema" marker is dropped from the
+    # column, so the EMA of one run and the encoder of another share columns and compare side by side.
+    variants = [_without_ema_marker(v, c) for v, c in zip(rows["variant"], rows["checkpoint"])]
+    rows["column"] = [metric_column(e, m, v) for e, m, v in zip(rows["evaluator"], rows["metric"], variants)]
     rows["_time"] = pd.to_datetime(rows["timestamp"], utc=True, errors="coerce", format="ISO8601")
     rows["_seed"] = rows["seed"].astype("float").fillna(-1)  # a row without a seed still counts, as its own seed
     # Latest wins per (model, protocol, seed, column): a re-run of a seed replaces, it does not add a sample.

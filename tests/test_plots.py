@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from sslbench.cli import main
 from sslbench.plots import main_metric_columns, per_block_table, write_run_per_block
@@ -90,3 +91,10 @@ def test_main_metric_columns():
                                   "clustering/nmi[test,b11.cls.normed] std", "per_block/top1[k=20,block=3,raw]"])
     assert main_metric_columns(board) == ["knn/top1[k=20,b11.cls.normed]", "linear_probe/top1[best,normed]",
                                           "clustering/nmi[test,b11.cls.normed]"]
+
+
+def test_value_axis_limits_show_small_differences():
+    from sslbench.plots import value_axis_limits
+
+    assert value_axis_limits([80.7, 80.96, 81.0]) == pytest.approx((79.7, 82.0))
+    assert value_axis_limits([20.0, 80.0]) == pytest.approx((0.0, 110.0))  # never below 0

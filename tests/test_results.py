@@ -160,6 +160,20 @@ def test_stage_is_part_of_the_key(tmp_path: Path) -> None:
     assert sorted(zip(board["stage"], board["knn/top1[k=20]"])) == [("pretrain", 30.0), ("refine", 60.0)]
 
 
+def test_ema_rows_share_columns_with_encoder_rows(tmp_path: Path) -> None:
+    """The EMA's rows are told apart by their checkpoint label, so they land in the same metric columns."""
+    write_metrics(tmp_path / "a", [row("a", 0, "k=20", 70.0)])
+    write_metrics(tmp_path / "b", [row("b", 0, "k=20,ema", 75.0, checkpoint="scratch (ema)"),
+                                   row("b", 0, "k=20,std,ema", 76.0, checkpoint="scratch (ema)")])
+    write_metrics(tmp_path / "c", [row("c", 0, "k=20,ema", 1.0, checkpoint="scratch", objective="x")])
+    board = build_leaderboard(collect_runs(tmp_path)).set_index(["objective", "checkpoint"])
+    assert board.loc[("mae+mim_refiner", "scratch"), "knn/top1[k=20]"] == 70.0
+    assert board.loc[("mae+mim_refiner", "scratch (ema)"), "knn/top1[k=20]"] == 75.0
+    assert board.loc[("mae+mim_refiner", "scratch (ema)"), "knn/top1[k=20,std]"] == 76.0
+    # Without the "(ema)" checkpoint label the marker stays: nothing else would tell the rows apart.
+    assert board.loc[("x", "scratch"), "knn/top1[k=20,ema]"] == 1.0
+
+
 def test_write_leaderboard_csv_and_markdown(tmp_path: Path) -> None:
     _synthetic_runs(tmp_path)
     board = build_leaderboard(collect_runs(tmp_path))
