@@ -102,7 +102,7 @@ def write_run_per_block(run_dir: str | os.PathLike) -> list[Path]:
     table = per_block_table(rows)
     if table.empty:
         return []
-    # Round away the float noise of the pivot (75.03999999999999): the metrics are stored to 2 decimals.
+    # Round away float noise: an accuracy from counts, 7504 / 10000 * 100, is stored as 75.03999999999999.
     atomic_write_csv(table.round(6), run_dir / "per_block.csv", index=False)
     written = [run_dir / "per_block.csv"]
     title = f"{run_dir.name}: k-NN accuracy per block"
