@@ -7,23 +7,16 @@
 
 from __future__ import annotations
 
-from step_bench import arguments, compare
+from step_bench import arguments, compare, digits_recipe
 
 
 def bench_recipe(batch_size: int, steps: int) -> dict:
     """The Fashion-MNIST reference MAE model (recipes/fmnist/mae.toml, patch 4) on the embedded digits at 28 px."""
-    return {
-        "run": {"name": "bench_mae_step", "seed": 0, "log_every": 10},
-        "backbone": {"model": "vit_tiny_patch16_224", "img_size": 28, "patch_size": 4, "in_chans": 1,
-                     "pos_embed": "sincos"},
-        "data": {"train": {"source": "digits", "split": "train", "size": 28},
-                 "test": {"source": "digits", "split": "test", "size": 28}},
-        "stages": [{"objective": "mae", "steps": steps, "batch_size": batch_size,
-                    "optimizer": {"lr": 1.5e-4, "betas": [0.9, 0.95], "weight_decay": 0.05},
-                    "schedule": {"warmup_epochs": 0.0},
-                    "options": {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4}}],
-        "eval": [],
-    }
+    return digits_recipe("bench_mae_step", 4, {
+        "objective": "mae", "steps": steps, "batch_size": batch_size,
+        "optimizer": {"lr": 1.5e-4, "betas": [0.9, 0.95], "weight_decay": 0.05},
+        "schedule": {"warmup_epochs": 0.0},
+        "options": {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4}})
 
 
 if __name__ == "__main__":

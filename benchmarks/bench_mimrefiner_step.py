@@ -9,24 +9,17 @@ does: ``step_bench.py``). The model and heads are recipes/fmnist/mimrefiner.toml
 
 from __future__ import annotations
 
-from step_bench import arguments, compare
+from step_bench import arguments, compare, digits_recipe
 
 
 def bench_recipe(batch_size: int, steps: int) -> dict:
-    return {
-        "run": {"name": "bench_mimrefiner_step", "seed": 0, "log_every": 10},
-        "backbone": {"model": "vit_tiny_patch16_224", "img_size": 28, "patch_size": 7, "in_chans": 1,
-                     "pos_embed": "sincos"},
-        "data": {"train": {"source": "digits", "split": "train", "size": 28},
-                 "test": {"source": "digits", "split": "test", "size": 28}},
-        "stages": [{"objective": "mim_refiner", "steps": steps, "batch_size": batch_size, "layer_decay": 0.65,
-                    "ema_momentum": 0.99,
-                    "optimizer": {"lr": 4e-4, "betas": [0.9, 0.95], "weight_decay": 0.05, "head_weight_decay": 1e-5},
-                    "schedule": {"warmup_epochs": 0.0},
-                    "options": {"proj_hidden": 1024, "proj_out": 128, "pred_hidden": 1024, "queue_size": 1024,
-                                "topk": 20, "global_views": 2, "local_views": 4, "local_size": 14}}],
-        "eval": [],
-    }
+    return digits_recipe("bench_mimrefiner_step", 7, {
+        "objective": "mim_refiner", "steps": steps, "batch_size": batch_size, "layer_decay": 0.65,
+        "ema_momentum": 0.99,
+        "optimizer": {"lr": 4e-4, "betas": [0.9, 0.95], "weight_decay": 0.05, "head_weight_decay": 1e-5},
+        "schedule": {"warmup_epochs": 0.0},
+        "options": {"proj_hidden": 1024, "proj_out": 128, "pred_hidden": 1024, "queue_size": 1024,
+                    "topk": 20, "global_views": 2, "local_views": 4, "local_size": 14}})
 
 
 if __name__ == "__main__":

@@ -40,6 +40,20 @@ def arguments(description: str, batch_size: int) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def digits_recipe(name: str, patch_size: int, stage: dict) -> dict:
+    """A one-stage recipe on the embedded digits at 28 px with the Fashion-MNIST ViT-Ti (recipes/fmnist/*.toml):
+    the benchmarks need no data download, and the model is the one the Fashion-MNIST recipes train."""
+    return {
+        "run": {"name": name, "seed": 0, "log_every": 10},
+        "backbone": {"model": "vit_tiny_patch16_224", "img_size": 28, "patch_size": patch_size, "in_chans": 1,
+                     "pos_embed": "sincos"},
+        "data": {"train": {"source": "digits", "split": "train", "size": 28},
+                 "test": {"source": "digits", "split": "test", "size": 28}},
+        "stages": [stage],
+        "eval": [],
+    }
+
+
 def loader(dataset, batch_size, seed, start_step):
     return InMemoryLoader(dataset, batch_size=batch_size, seed=seed, num_processes=1, process_index=0,
                           start_step=start_step)
