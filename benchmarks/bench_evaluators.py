@@ -36,6 +36,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sslbench.evaluators import clustering, knn, low_shot
 from sslbench.evaluators.clustering import hungarian_accuracy
@@ -119,6 +120,32 @@ def sklearn_clustering(features, labels, classes, seed=0) -> dict:
             "ami": 100 * skm.adjusted_mutual_info_score(labels, ids), "ari": 100 * skm.adjusted_rand_score(labels, ids)}
 
 
+# ---------------------------------------------------------------- what the hardware allows
+
+def gemm_gflops(size: int = 2048, repeats: int = 3) -> float:
+    """Best fp32 matmul throughput of ``size``³ products on this machine, in GFLOP/s (the CPU's practical peak)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    seconds = min(timed(lambda: {"": a @ b})[0] for _ in range(repeats))
+    return 2 * size ** 3 / seconds / 1e9
+
+
+def similarity_matmul_seconds(train_x: torch.Tensor, test_x: torch.Tensor, batch_size: int = 512,
+                              repeats: int = 3) -> float:
+    """Time of the test x train similarity matmul alone, chunked as ``knn`` does it: a floor for any exact
+    brute-force k-NN in float32 (scikit-learn's brute cosine search computes the same products, once per k)."""
+    buffer = torch.empty(min(batch_size, test_x.shape[0]), train_x.shape[0])
+    train_t = F.normalize(train_x, dim=1).T
+    chunks = F.normalize(test_x, dim=1).split(batch_size)
+
+    def products() -> dict:
+        for chunk in chunks:
+            torch.mm(chunk, train_t, out=buffer[: chunk.shape[0]])
+        return {}
+
+    return min(timed(products)[0] for _ in range(repeats))
+
+
 # ---------------------------------------------------------------- the feature cache
 
 def cache_benchmark(images: int, batch_size: int, seed: int, all_blocks: bool = False, patch: int = 7) -> None:
@@ -174,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="limit both sides to this many threads (torch, and BLAS/OpenMP via threadpoolctl); "
                              "1 gives the most reproducible figures on a shared machine")
+    parser.add_argument("--size", type=int, default=2048, help="side of the square matmul that measures the peak")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -211,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| {'evaluator':<10} | {'metric':<14} | {'sslbench':>9} | {'sklearn':>9} | "
           f"{'sslbench s':>10} | {'sklearn s':>9} | {'speed-up':>8} |")
     print(f"|{'-' * 12}|{'-' * 16}|{'-' * 11}|{'-' * 11}|{'-' * 12}|{'-' * 11}|{'-' * 10}|")
+    floors: dict[str, tuple[float, float]] = {}
     for name in (n for n in args.only if n in jobs):
         ours_fn, theirs_fn = jobs[name]
         ours_s, ours, theirs_s, theirs = best_times(ours_fn, theirs_fn, args.repeats)
@@ -219,6 +248,15 @@ def main(argv: list[str] | None = None) -> None:
                      else f"{'':>10} | {'':>9} | {'':>8}")
             print(f"| {name if i == 0 else '':<10} | {metric:<14} | {ours[metric]:9.2f} | {theirs[metric]:9.2f} | "
                   f"{times} |", flush=True)
+        if name == "knn":
+            floors["knn"] = (similarity_matmul_seconds(train_x, test_x, repeats=max(3, args.repeats)), theirs_s)
+    if floors:
+        matmul_s, sklearn_s = floors["knn"]
+        flops = 2 * args.train * args.test * args.dim
+        print(f"\n# k-NN floor: the similarity matmul alone ({flops / 1e9:.0f} GFLOP) takes {matmul_s:.2f} s "
+              f"(best of {max(3, args.repeats)}: {flops / matmul_s / 1e9:.0f} GFLOP/s; {args.size}³ fp32 matmul "
+              f"here: {gemm_gflops(args.size):.0f} GFLOP/s), so no exact float32 brute-force k-NN can beat "
+              f"scikit-learn by more than {sklearn_s / matmul_s:.1f}x on this machine", flush=True)
     if "cache" in args.only:
         cache_benchmark(args.cache_images, args.cache_batch, args.seed, args.cache_all_blocks, args.cache_patch)
 

@@ -8,7 +8,7 @@ import torch
 
 from sslbench.errors import UserError
 from sslbench.evaluators import knn
-from sslbench.evaluators.knn import _stable_topk
+from sslbench.evaluators.knn import _stable_topk, as_features
 
 
 def reference_knn(train_x, train_y, test_x, k, temperature, classes, standardize=False, eps=1e-6):
@@ -137,3 +137,11 @@ def test_non_finite_features_are_user_errors(clusters, bad):
     both[0, 0], both[1, 1] = float("inf"), -float("inf")
     with pytest.raises(UserError, match="train_features: contains NaN"):
         knn(both, ytr, xte.nan_to_num(), yte)
+
+
+def test_large_finite_features_are_accepted(clusters):
+    """A float32 sum of finite values can overflow to inf; that alone must not be taken for a non-finite entry."""
+    xtr, ytr, xte, yte = clusters()
+    huge = xtr.float().abs() * 3e37 + 3e37                 # all finite, their float32 sum is inf
+    assert not torch.isfinite(huge.sum())
+    assert torch.equal(as_features(huge, "train_features"), huge)

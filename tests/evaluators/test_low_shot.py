@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from sslbench.errors import UserError
 from sslbench.evaluators import low_shot
-from sslbench.evaluators.low_shot import (centre_and_normalize, fit_logistic_regression, low_shot_subsets,
-                                          rank_within_class, sklearn_C)
+from sslbench.evaluators.low_shot import (centre_and_normalize, fit_logistic_regression, logistic_loss_and_grad,
+                                          low_shot_subsets, rank_within_class, sklearn_C)
 
 
 def sklearn_accuracy(xtr, ytr, xte, yte, rows, lam):
@@ -55,6 +55,21 @@ def test_solution_is_the_penalised_optimum_and_matches_sklearn_weights(clusters)
     assert w.grad.abs().max() < 1e-7                          # stationary point of a convex objective
     _, model = sklearn_accuracy(xtr, ytr, xtr, ytr, rows, lam)
     np.testing.assert_allclose(weights.numpy(), model.coef_.T, atol=2e-3)
+
+
+def test_hand_written_gradient_equals_autograd_of_the_objective():
+    """The solver's closed-form loss and gradient against autograd of the objective written plainly, per problem."""
+    g = torch.Generator().manual_seed(0)
+    stacks, rows, dims, classes, penalty = 3, 7, 5, 4, 0.3
+    x = torch.randn(stacks, rows, dims, generator=g, dtype=torch.float64)
+    y = torch.randint(classes, (stacks, rows), generator=g)
+    weights = torch.randn(stacks, dims, classes, generator=g, dtype=torch.float64)
+    loss, grad = logistic_loss_and_grad(weights, x, x.transpose(1, 2).contiguous(), y[..., None], penalty)
+    w = weights.clone().requires_grad_(True)
+    expected = sum(F.cross_entropy(x[s] @ w[s], y[s]) + 0.5 * penalty * w[s].square().sum() for s in range(stacks))
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(grad, w.grad)
 
 
 def test_subsets_are_seeded_stratified_and_nested():
