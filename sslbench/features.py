@@ -12,14 +12,14 @@ transform or layer can never be served stale features.
     >>> FeatureRequest.parse("b-1.cls+mean.raw").block
     -1
 
+The cache's keys, files and lock are in :mod:`sslbench.feature_cache`.
+
 Distributed (Accelerate, N processes): each process extracts a contiguous shard, the shards are padded to the longest
 one for ``all_gather`` and trimmed again, so every sample appears exactly once, in dataset order, on every process.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,8 @@ from torch import nn
 
 from .progress import progress_bar
 from .errors import UserError
+from .feature_cache import (cache_path, cache_source, extraction_lock, feature_cache_key, key_json, load_cached,
+                            weights_fingerprint)
 from .io import atomic_torch_save
 
 if TYPE_CHECKING:
@@ -39,8 +41,6 @@ __all__ = ["FeatureRequest", "weights_fingerprint", "extract_features", "feature
 
 TOKENS = ("cls", "mean", "cls+mean")
 NORMS = ("raw", "normed")
-# Bump when the meaning of a cached file changes (pooling definition, file layout), so old caches are ignored.
-CACHE_FORMAT = 1
 _REQUEST_PATTERN = re.compile(r"^b(-?\d+)\.(cls\+mean|cls|mean)\.(raw|normed)$")
 
 
@@ -88,117 +88,6 @@ class FeatureRequest:
             raise UserError(f"feature request {self}: block must be in -{depth}..{depth - 1} "
                             f"for a backbone with {depth} blocks")
         return FeatureRequest(self.block % depth, self.token, self.norm)
-
-
-# --- fingerprints and cache keys ---------------------------------------------------------------------------------
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """sha256 over the state dict's names, shapes, dtypes and raw bytes (parameters and persistent buffers).
-
-    Tensor bytes are hashed through numpy buffers without any copy beyond moving to CPU; a ViT-L (300 M parameters,
-    1.2 GB) hashes in a couple of seconds. Keys are sorted so the result does not depend on registration order.
-    """
-    digest = hashlib.sha256()
-    state = module.state_dict()
-    for name in sorted(state):
-        tensor = state[name]
-        digest.update(name.encode())
-        digest.update(f"|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        # A uint8 view works for every dtype, including bfloat16 which numpy cannot represent.
-        digest.update(flat.view(torch.uint8).numpy().data)
-    return digest.hexdigest()
-
-
-def _architecture_description(backbone: nn.Module) -> str:
-    """What the state dict does not capture but changes the function: module tree, attention heads, build options.
-
-    (Two ViTs with equal weights but a different ``num_heads`` compute different features.)
-    """
-    heads = sorted({int(m.num_heads) for m in backbone.modules() if isinstance(getattr(m, "num_heads", None), int)})
-    text = (f"{type(backbone).__qualname__}|{backbone!r}|heads={heads}|"
-            f"prefix={getattr(backbone, 'num_prefix_tokens', 1)}|{_describe(getattr(backbone, 'architecture', None))}")
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def _describe(obj: Any, depth: int = 0) -> str:
-    """A stable, content-based description of a (transform) object for cache keys.
-
-    Uses ``obj.describe()`` when the object has one; otherwise walks its attributes, because a default ``repr``
-    (``<EvalTransform object at 0x7f…>``) changes every run and would make the cache useless — while a
-    description that misses a setting would serve stale features.
-    """
-    describe = getattr(obj, "describe", None)
-    if callable(describe) and not isinstance(obj, type):
-        return str(describe())
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return repr(obj)
-    if isinstance(obj, (list, tuple)):
-        inner = ",".join(_describe(v, depth + 1) for v in obj)
-        return f"[{inner}]" if isinstance(obj, list) else f"({inner}{',' if len(obj) == 1 else ''})"
-    if isinstance(obj, dict):
-        return "{" + ",".join(f"{k!r}:{_describe(v, depth + 1)}" for k, v in sorted(obj.items(), key=str)) + "}"
-    if isinstance(obj, torch.Tensor):
-        data = obj.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
-        return f"tensor{tuple(obj.shape)}{obj.dtype}:{hashlib.sha256(data).hexdigest()[:16]}"
-    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
-    attributes = getattr(obj, "__dict__", None)
-    if attributes and depth < 8:
-        inner = ",".join(f"{k}={_describe(v, depth + 1)}" for k, v in sorted(attributes.items()))
-        return f"{name}({inner})"
-    if callable(obj) and hasattr(obj, "__qualname__"):
-        return f"{getattr(obj, '__module__', '')}.{obj.__qualname__}"
-    return f"{name}:{_ADDRESS.sub('', repr(obj))}"
-
-
-def _transform_description(transform: Callable) -> str:
-    """A stable description of the evaluation transform (see :func:`_describe`)."""
-    return _describe(transform)
-
-
-def _precision(accelerator: "Accelerator | None") -> str:
-    """The autocast precision of the forward passes ("fp32", "bf16", "fp16"): it changes the features slightly."""
-    mixed = "no" if accelerator is None else str(getattr(accelerator, "mixed_precision", "no"))
-    return "fp32" if mixed == "no" else mixed
-
-
-def feature_cache_key(*, weights: str, architecture: str, dataset: Any, transform: str, precision: str,
-                      request: FeatureRequest) -> dict:
-    """Everything a cached feature matrix depends on, as a JSON-able dict (``request`` must be resolved)."""
-    return {
-        "format": CACHE_FORMAT,
-        "weights": weights,
-        "architecture": architecture,
-        "dataset": str(dataset.fingerprint),
-        "num_samples": len(dataset),
-        "transform": transform,
-        "precision": precision,
-        "request": str(request),
-    }
-
-
-def _key_json(key: dict) -> str:
-    return json.dumps(key, sort_keys=True, separators=(",", ":"))
-
-
-def _cache_path(cache_dir: Path, key_json: str) -> Path:
-    return cache_dir / f"{hashlib.sha256(key_json.encode()).hexdigest()}.pt"
-
-
-def _load_cached(path: Path, key_json: str) -> torch.Tensor | None:
-    """The cached tensor, or ``None`` if absent, unreadable or stored under a different key (a hash collision)."""
-    if not path.is_file():
-        return None
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a corrupt or foreign file is a cache miss; it is rewritten below
-        return None
-    if not isinstance(stored, dict) or stored.get("key") != key_json:
-        return None
-    return stored["features"]
 
 
 # --- extraction --------------------------------------------------------------------------------------------------
@@ -312,30 +201,29 @@ def extract_features(
     process_index = accelerator.process_index if accelerator is not None else 0
     is_main = accelerator is None or accelerator.is_main_process
 
-    features: dict[FeatureRequest, torch.Tensor] = {}
-    keys: dict[FeatureRequest, str] = {}
     cache = Path(cache_dir) if cache_dir is not None else None
-    if cache is not None:
-        weights = weights_key or weights_fingerprint(inner)
-        common = dict(weights=weights, architecture=_architecture_description(inner), dataset=dataset,
-                      transform=_transform_description(transform), precision=_precision(accelerator))
-        for r in unique:
-            keys[r] = _key_json(feature_cache_key(request=r, **common))
-            cached = _load_cached(_cache_path(cache, keys[r]), keys[r])
-            if cached is not None and cached.shape[0] == len(dataset):
-                features[r] = cached
-    # A request missing on any process is recomputed by all: the forward passes contain collectives.
-    missing = [r for r, miss in zip(unique, _any_process(accelerator, (r not in features for r in unique))) if miss]
-
-    if missing:
-        computed = _extract(inner, dataset, missing, transform, batch_size, accelerator, num_prefix,
-                            num_processes, process_index, progress and is_main)
-        features.update(computed)
-        if cache is not None and is_main:
-            for r in missing:
-                atomic_torch_save({"key": keys[r], "features": computed[r]}, _cache_path(cache, keys[r]))
-        if cache is not None and accelerator is not None:
-            accelerator.wait_for_everyone()  # later calls on other processes must see the files
+    source = cache_source(inner, dataset, transform, accelerator, weights_key) if cache is not None else {}
+    with extraction_lock(cache, source, num_processes):
+        features: dict[FeatureRequest, torch.Tensor] = {}
+        keys: dict[FeatureRequest, str] = {}
+        if cache is not None:
+            for r in unique:
+                keys[r] = key_json(feature_cache_key(request=r, **source))
+                cached = load_cached(cache_path(cache, keys[r]), keys[r])
+                if cached is not None and cached.shape[0] == len(dataset):
+                    features[r] = cached
+        # A request missing on any process is recomputed by all: the forward passes contain collectives.
+        missing = [r for r, miss in zip(unique, _any_process(accelerator, (r not in features for r in unique)))
+                   if miss]
+        if missing:
+            computed = _extract(inner, dataset, missing, transform, batch_size, accelerator, num_prefix,
+                                num_processes, process_index, progress and is_main)
+            features.update(computed)
+            if cache is not None and is_main:
+                for r in missing:
+                    atomic_torch_save({"key": keys[r], "features": computed[r]}, cache_path(cache, keys[r]))
+            if cache is not None and accelerator is not None:
+                accelerator.wait_for_everyone()  # later calls on other processes must see the files
     return {r: features[resolved[r]] for r in requests}
 
 

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -142,18 +142,27 @@ def atomic_directory(final_path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, shared: bool = False) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, shared: bool = False,
+              on_wait: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold an advisory ``fcntl.flock`` on ``path`` (created if missing) for the duration of the block.
 
     Lock a dedicated lock file (e.g. ``leaderboard.csv.lock``), not the file being replaced: ``os.replace`` swaps
     the inode, so a lock on the data file itself would not exclude a writer that opened the new inode.
     ``shared=True`` takes a read lock. Advisory: it only excludes other code that also calls :func:`file_lock`.
+    ``on_wait`` is called once, before blocking, if another process holds the lock (to tell the user why nothing
+    happens). The operating system releases the lock when its holder exits, even by SIGKILL.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, mode)
         try:
             yield
         finally:

@@ -259,6 +259,53 @@ def test_cache_file_with_foreign_key_is_a_miss(backbone, tmp_path: Path) -> None
         counter.remove()
 
 
+def _extract_elsewhere_under_the_lock(lock: str, ready: str, source: str, cache: str) -> None:
+    """Stand-in for a concurrent evaluation: holds the extraction lock, then 'finishes' by writing the cache files
+    (copies of an earlier extraction) and lets go. Only file I/O, so it is safe in a forked child."""
+    import shutil
+    import time
+
+    from sslbench.io import file_lock
+
+    with file_lock(lock):
+        Path(ready).touch()
+        time.sleep(0.5)
+        for path in Path(source).glob("*.pt"):
+            shutil.copy(path, Path(cache) / path.name)
+
+
+def test_a_concurrent_extraction_of_the_same_features_is_waited_for(backbone, tmp_path: Path, capsys) -> None:
+    """Two evaluations of one checkpoint started together: the second waits for the first's cache files instead of
+    running the same forward passes (without the lock it would find no cache and extract again)."""
+    import multiprocessing
+    import time
+
+    from sslbench.feature_cache import cache_source, lock_path
+
+    dataset, request, transform = tiny_dataset(), FeatureRequest(-1, "cls", "normed"), grey_transform()
+    source, cache = tmp_path / "earlier", tmp_path / "cache"
+    truth = extract_features(backbone, dataset, [request], transform=transform, cache_dir=source,
+                             progress=False)[request]
+    cache.mkdir()
+    lock = lock_path(cache, cache_source(backbone, dataset, transform))
+    ready = tmp_path / "ready"
+    other = multiprocessing.get_context("fork").Process(
+        target=_extract_elsewhere_under_the_lock, args=(str(lock), str(ready), str(source), str(cache)))
+    other.start()
+    while not ready.exists():
+        time.sleep(0.01)
+    counter = ForwardCounter(backbone)
+    try:
+        got = extract_features(backbone, dataset, [request], transform=transform, cache_dir=cache,
+                               progress=False)[request]
+    finally:
+        counter.remove()
+        other.join()
+    assert other.exitcode == 0
+    assert counter.calls == 0 and torch.equal(got, truth)
+    assert "another process is extracting features of this checkpoint" in capsys.readouterr().err
+
+
 def test_empty_requests_and_bad_block(backbone) -> None:
     assert extract_features(backbone, tiny_dataset(), [], transform=grey_transform()) == {}
     with pytest.raises(UserError, match="block must be in"):

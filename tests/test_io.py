@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -146,3 +147,26 @@ def test_file_lock_serialises_read_modify_write(tmp_path: Path) -> None:
         assert p.exitcode == 0
     # Without the lock, interleaved read-modify-write cycles would lose increments.
     assert int(counter.read_text()) == 80
+
+
+def _hold_lock(lock: str, ready: str, seconds: float) -> None:
+    with file_lock(lock):
+        Path(ready).write_text("held")
+        time.sleep(seconds)
+        Path(ready).write_text("releasing")
+
+
+def test_file_lock_says_when_it_waits_and_then_gets_the_lock(tmp_path: Path) -> None:
+    lock, ready = tmp_path / "x.lock", tmp_path / "ready"
+    waits: list[float] = []
+    with file_lock(lock, on_wait=lambda: waits.append(time.monotonic())):
+        pass
+    assert waits == []                                  # a free lock: no message
+    holder = _fork_context().Process(target=_hold_lock, args=(str(lock), str(ready), 0.5))
+    holder.start()
+    while not ready.exists():
+        time.sleep(0.01)
+    with file_lock(lock, on_wait=lambda: waits.append(time.monotonic())):
+        assert ready.read_text() == "releasing"         # acquired only after the holder let go
+    holder.join()
+    assert holder.exitcode == 0 and len(waits) == 1     # told once, before blocking
