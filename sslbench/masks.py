@@ -180,12 +180,19 @@ def random_split_mask(batch: int, num_patches: int, ratio: float, splits: int = 
                       device: torch.device | str | None = None) -> SplitMask:
     """MiCL's split: a random permutation keeps ``int(N * (1 - ratio)) // S * S`` patches; the first K go to
     split 0, the next K to split 1, ... — S disjoint random subsets of the same image."""
+    return split_mask_from_noise(_uniform((batch, num_patches), generator, device), ratio, splits)
+
+
+def split_mask_from_noise(noise: Tensor, ratio: float, splits: int = 2) -> SplitMask:
+    """:func:`random_split_mask` from given (B, N) uniform noise (e.g. an objective's keyed per-sample stream):
+    the permutation is ``argsort(noise)``."""
     _check_ratio(ratio)
     if splits < 1:
         raise UserError(f"number of splits must be >= 1, got {splits}")
+    batch, num_patches = noise.shape
     per_split = int(num_patches * (1 - ratio)) // splits
     if per_split < 1:
         raise UserError(f"mask ratio {ratio} with {splits} splits leaves no patch per split out of "
                         f"{num_patches}; lower the ratio")
-    perm = torch.argsort(_uniform((batch, num_patches), generator, device), dim=1)
+    perm = torch.argsort(noise, dim=1)
     return SplitMask(groups=perm[:, :per_split * splits].reshape(batch, splits, per_split))

@@ -1,0 +1,70 @@
+"""MiCL — masked image contrastive learning (Yang & Xu 2024, arXiv 2411.09858; renamed OCL in its v2).
+
+No teacher, projector, predictor or decoder: each image is cropped once, a random permutation of its patch tokens
+keeps ``int(N·(1 − r)) // 2 · 2`` of them (r = ``mask_ratio``, 0.9 by default), and the first half and the second
+half of the kept tokens become two *disjoint* views of the image, each encoded as its own sequence with its own CLS
+token. The loss contrasts the two final-norm CLS outputs against the other images of the local batch with the
+bent similarity ``s(c) = 0.5(1 + c) / (1 + κ(1 − c)) / τ`` (:func:`sslbench.losses.micl_loss`). The paper adds
+fixed 2-D sin-cos position embeddings to the patch embeddings: build the backbone with ``pos_embed = "sincos"``.
+
+    [[stages]]
+    objective = "micl"
+    [stages.options]
+    mask_ratio = 0.9      # 0.8 is the paper's other setting
+    temperature = 0.07
+    kappa = 0.015625      # 1/64
+
+The permutation comes from the step's keyed random streams, so it depends only on (seed, step, sample).
+Negatives are local to each process, as in the paper (no gather across GPUs).
+"""
+
+from __future__ import annotations
+
+import sslbench
+from sslbench.losses import micl_loss
+from sslbench.masks import split_mask_from_noise
+from sslbench.objective import DataInfo, Objective
+from sslbench.options import Option
+from sslbench.views import Compose, HorizontalFlip, IndependentCrops, Normalize, RandomResizedCrop
+
+
+class MiCL(Objective):
+    name = "micl"
+    description = "Masked image contrastive learning: two disjoint patch subsets of one image, CLS contrast " \
+                  "(Yang & Xu 2024)"
+    options = {
+        "mask_ratio": Option(0.9, float, "fraction of patch tokens dropped; the rest is split into two views",
+                             min=0, max=1),
+        "temperature": Option(0.07, float, "τ of the similarity", min=0, min_exclusive=True),
+        "kappa": Option(1 / 64, float, "κ, the bend of the similarity near cosine 1", min=0),
+        "crop_scale": Option([0.2, 1.0], list, "random-resized-crop area range", item_type=float, min=0, max=1),
+        "flip": Option(True, bool, "random horizontal flip"),
+    }
+
+    def __init__(self, backbone, opts, context):
+        super().__init__(backbone, opts, context)
+        # Fail when the recipe is checked, not at the first step: each view needs at least one patch.
+        if opts["mask_ratio"] >= 1 or int(backbone.num_patches * (1 - opts["mask_ratio"])) // 2 < 1:
+            raise sslbench.RecipeError("options.mask_ratio", f"{opts['mask_ratio']} leaves fewer than 2 of the "
+                                       f"{backbone.num_patches} patches, but each of the two views needs one")
+
+    def views(self, data: DataInfo):
+        steps = [RandomResizedCrop(data.image_size, scale=tuple(self.opts["crop_scale"]), interpolation="bicubic")]
+        if self.opts["flip"]:
+            steps.append(HorizontalFlip(0.5))
+        steps.append(Normalize(data.mean, data.std))
+        return IndependentCrops(1, Compose(steps))
+
+    def forward(self, views, batch):
+        images = views[0]
+        noise = batch["rng"].rand(self.backbone.num_patches).to(images.device)
+        mask = split_mask_from_noise(noise, self.opts["mask_ratio"], 2)
+        cls = self.backbone(images, mask=mask).cls                # (2B, D), split-major: view 1 then view 2
+        first, second = cls.chunk(2)
+        loss = micl_loss(first, second, self.opts["temperature"], self.opts["kappa"])
+        return {"loss": loss, "logs": {"tokens_per_view": float(mask.groups.shape[2])}}
+
+
+@sslbench.hookimpl
+def register_objectives(register):
+    register("micl", MiCL)
