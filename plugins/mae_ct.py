@@ -45,28 +45,18 @@ Deviation: our predictor's last Linear has a bias (the official code's has none)
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 import sslbench
 from sslbench import distributed
 from sslbench.losses import symmetric_nnclr_loss
-from sslbench.modules import NNQueue, convert_sync_batchnorm, maect_predictor, maect_projector
+from sslbench.modules import (NNQueue, convert_sync_batchnorm, maect_predictor, maect_projector,
+                              parameters_as_buffers)
 from sslbench.objective import DataInfo, Objective
 from sslbench.options import Option
 from sslbench.views import maect_views
 from sslbench_plugins.mim_refiner import ignore_in_ddp, keyed_lookup
 
 POOLINGS = ("cls", "mean_patch")
-
-
-def parameters_as_buffers(module: nn.Module) -> nn.Module:
-    """Turn every parameter of ``module`` into a buffer of the same name (a frozen copy that nothing trains)."""
-    for sub in module.modules():
-        for name, param in list(sub._parameters.items()):
-            if param is not None:
-                del sub._parameters[name]
-                sub.register_buffer(name, param.detach().clone())
-    return module
 
 
 class MAECT(Objective):

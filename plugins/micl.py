@@ -1,6 +1,6 @@
 """MiCL — masked image contrastive learning (Yang & Xu 2024, arXiv 2411.09858; renamed OCL in its v2).
 
-No teacher, projector, predictor or decoder: each image is cropped once, a random permutation of its patch tokens
+No teacher, projector, predictor or decoder: each image is cropped once (random-resized crop + flip), a random permutation of its patch tokens
 keeps ``int(N·(1 − r)) // 2 · 2`` of them (r = ``mask_ratio``, 0.9 by default), and the first half and the second
 half of the kept tokens become two *disjoint* views of the image, each encoded as its own sequence with its own CLS
 token. The loss contrasts the two final-norm CLS outputs against the other images of the local batch with the
@@ -25,7 +25,7 @@ from sslbench.losses import micl_loss
 from sslbench.masks import split_mask_from_noise
 from sslbench.objective import DataInfo, Objective
 from sslbench.options import Option
-from sslbench.views import Compose, HorizontalFlip, IndependentCrops, Normalize, RandomResizedCrop
+from sslbench.views import micl_views
 
 
 class MiCL(Objective):
@@ -49,11 +49,7 @@ class MiCL(Objective):
                                        f"{backbone.num_patches} patches, but each of the two views needs one")
 
     def views(self, data: DataInfo):
-        steps = [RandomResizedCrop(data.image_size, scale=tuple(self.opts["crop_scale"]), interpolation="bicubic")]
-        if self.opts["flip"]:
-            steps.append(HorizontalFlip(0.5))
-        steps.append(Normalize(data.mean, data.std))
-        return IndependentCrops(1, Compose(steps))
+        return micl_views(data.image_size, data.mean, data.std, tuple(self.opts["crop_scale"]), self.opts["flip"])
 
     def forward(self, views, batch):
         images = views[0]

@@ -18,7 +18,8 @@ from . import distributed
 
 __all__ = [
     "NNQueue", "mlp", "mimrefiner_projector", "mimrefiner_predictor", "maect_projector", "maect_predictor",
-    "conmim_projector", "GlobalBatchNorm1d", "convert_sync_batchnorm", "EMA", "cosine_momentum",
+    "conmim_projector", "GlobalBatchNorm1d", "convert_sync_batchnorm", "parameters_as_buffers", "EMA",
+    "cosine_momentum",
 ]
 
 
@@ -248,19 +249,35 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
 # EMA teacher
 
 
+def parameters_as_buffers(module: nn.Module) -> nn.Module:
+    """Turn every parameter of ``module`` (in place) into a buffer of the same name holding a detached copy.
+
+    A teacher stored this way is saved in checkpoints and moves with ``.to()``, but is not among its owner's
+    parameters: the optimiser, the parameter groups (which switch ``requires_grad`` back on for everything not
+    frozen) and DDP's gradient synchronisation never see it.
+    """
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None:
+                del sub._parameters[name]
+                sub.register_buffer(name, param.detach().clone())
+    return module
+
+
 class EMA(nn.Module):
     """An exponential-moving-average copy of a module: ``θ_t ← m·θ_t + (1 − m)·θ_s`` after each step.
 
-    The copy never requires grad and its forward runs without autograd. ``copy_buffers=True`` copies the
-    student's buffers (BatchNorm running statistics) at each update; ConMIM keeps ``copy_buffers=False``, so its
-    teacher's BN statistics come from its own forward passes (MoCo v3 convention). The train/eval mode of the
-    copy is left to the caller (ConMIM keeps its teacher in train mode).
+    The copy holds the student's parameters as buffers (:func:`parameters_as_buffers`), so it never requires
+    grad, and its forward runs without autograd. ``copy_buffers=True`` copies the student's own buffers (BatchNorm
+    running statistics) at each update; ConMIM keeps ``copy_buffers=False``, so its teacher's BN statistics come
+    from its own forward passes (MoCo v3 convention). The train/eval mode of the copy is left to the caller
+    (ConMIM keeps its teacher in train mode).
     """
 
     def __init__(self, module: nn.Module, momentum: float, copy_buffers: bool = True):
         super().__init__()
-        self.module = copy.deepcopy(module)
-        self.module.requires_grad_(False)
+        self.param_names = [name for name, _ in module.named_parameters()]
+        self.module = parameters_as_buffers(copy.deepcopy(module))
         self.momentum = momentum
         self.copy_buffers = copy_buffers
 
@@ -272,18 +289,17 @@ class EMA(nn.Module):
     def update(self, student: nn.Module, momentum: float | None = None) -> None:
         """Move the copy towards ``student`` (same architecture, unwrapped from DDP) with ``momentum`` (default: the one given at construction)."""
         m = self.momentum if momentum is None else momentum
-        teacher_params = dict(self.module.named_parameters())
+        teacher = dict(self.module.named_buffers())
         student_params = dict(student.named_parameters())
-        if teacher_params.keys() != student_params.keys():
-            missing = sorted(teacher_params.keys() ^ student_params.keys())[:3]
+        if set(self.param_names) != student_params.keys():
+            missing = sorted(set(self.param_names) ^ student_params.keys())[:3]
             raise ValueError(f"EMA teacher and student parameters differ (e.g. {missing})")
-        for name, teacher_param in teacher_params.items():
+        for name in self.param_names:
             # lerp_(s, 1 − m) = t + (1 − m)(s − t) = m·t + (1 − m)·s
-            teacher_param.lerp_(student_params[name].detach().to(teacher_param.dtype), 1.0 - m)
+            teacher[name].lerp_(student_params[name].detach().to(teacher[name].dtype), 1.0 - m)
         if self.copy_buffers:
-            student_buffers = dict(student.named_buffers())
-            for name, buffer in self.module.named_buffers():
-                buffer.copy_(student_buffers[name])
+            for name, buffer in student.named_buffers():
+                teacher[name].copy_(buffer)
 
 
 def cosine_momentum(step: int, total: int, base: float, final: float = 1.0) -> float:

@@ -115,8 +115,9 @@ class EvalTransform:
 # ---------------------------------------------------------------------------------------- the papers' recipes
 # Every factory takes the dataset's normalisation (`mean`, `std`; None = defaults by channel count).
 
-def _crop_flip(size: int, scale: tuple[float, float]) -> list[Transform]:
-    return [RandomResizedCrop(size, scale, interpolation="bicubic"), HorizontalFlip(0.5)]
+def _crop_flip(size: int, scale: tuple[float, float], flip: bool = True) -> list[Transform]:
+    crop: list[Transform] = [RandomResizedCrop(size, scale, interpolation="bicubic")]
+    return crop + [HorizontalFlip(0.5)] if flip else crop
 
 
 def _strong_photometric(blur_p: float, solarize_p: float) -> list[Transform]:
@@ -135,17 +136,19 @@ def maect_views(size: int, mean=None, std=None) -> IndependentCrops:
     return IndependentCrops(2, Compose([*_crop_flip(size, (0.08, 1.0)), Normalize(mean, std)]))
 
 
-def micl_views(size: int, mean=None, std=None) -> IndependentCrops:
+def micl_views(size: int, mean=None, std=None, scale: tuple[float, float] = (0.2, 1.0),
+               flip: bool = True) -> IndependentCrops:
     """MiCL (Yang & Xu 2024): one RRC(0.2, 1) + flip view; its two views are disjoint token subsets of it,
     made by the objective, not here."""
-    return IndependentCrops(1, Compose([*_crop_flip(size, (0.2, 1.0)), Normalize(mean, std)]))
+    return IndependentCrops(1, Compose([*_crop_flip(size, scale, flip), Normalize(mean, std)]))
 
 
-def conmim_views(size: int, mean=None, std=None) -> SharedCrop:
+def conmim_views(size: int, mean=None, std=None, scale: tuple[float, float] = (0.08, 1.0),
+                 flip: bool = True) -> SharedCrop:
     """ConMIM (Yi et al. 2023): one RRC(0.08, 1) + flip shared; view 0 (student) plain, view 1 (teacher) jitter
     p 0.8, grey 0.2, blur 0.1, solarise 0.2. Jitter strengths (0.4, 0.4, 0.2, 0.1) are BYOL's — assumed."""
     teacher = Compose([*_strong_photometric(blur_p=0.1, solarize_p=0.2), Normalize(mean, std)])
-    return SharedCrop(Compose(_crop_flip(size, (0.08, 1.0))), [Normalize(mean, std), teacher])
+    return SharedCrop(Compose(_crop_flip(size, scale, flip)), [Normalize(mean, std), teacher])
 
 
 def mimrefiner_views(global_size: int = 224, local_size: int = 96, global_n: int = 2, local_n: int = 10,
