@@ -1,0 +1,123 @@
+"""ConMIM — masked image modelling with denoised contrast (Yi et al., ICLR 2023, arXiv 2205.09616).
+
+One random-resized crop (0.08, 1) + flip is shared by two branches, so patch i shows the same region in both. The
+student sees the plain crop with ``mask_ratio`` of its patches replaced by a learned mask token (block-wise masks
+in ``mask_unit_px``-pixel cells: 32 px, a 7×7 grid at 224 px); the teacher sees the same crop with strong
+photometric augmentation (jitter p 0.8, grey 0.2, blur 0.1, solarise 0.2) and no mask. Both branches project every
+token with a bias-free 3-layer MLP ending in BN without affine (CLS included in the BN statistics, dropped after).
+Loss: for every masked position of an image, the student's patch feature must pick out the teacher's feature at
+the same position among all patches of the *same* image (τ 0.1; no cross-image negatives,
+:func:`sslbench.losses.patch_contrast_loss`).
+
+The teacher is an EMA copy of student backbone + projector — parameters only, BN statistics its own — kept in train
+mode, with momentum following a cosine schedule from ``momentum`` (0.996) to 1 over the stage's steps.
+
+    [[stages]]
+    objective = "conmim"
+    [stages.options]
+    mask_ratio = 0.75
+    temperature = 0.1
+
+Deviation: the paper's ViT is BEiT-style (relative position bias, layer scale); on timm ViTs it is the plain ViT.
+The block-wise masks of a batch come from one generator seeded by the step's keyed random streams, so they
+depend only on (seed, step, samples).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import sslbench
+from sslbench.losses import patch_contrast_loss
+from sslbench.masks import ReplaceMask, blockwise_mask
+from sslbench.modules import EMA, conmim_projector, convert_sync_batchnorm, cosine_momentum
+from sslbench.objective import DataInfo, Objective
+from sslbench.options import Option
+from sslbench.views import conmim_views
+from sslbench_plugins.mim_refiner import ignore_in_ddp
+
+
+class ConMIM(Objective):
+    name = "conmim"
+    description = "ConMIM: intra-image inter-patch contrast of masked student tokens against an EMA teacher " \
+                  "(Yi et al. 2023)"
+    options = {
+        "mask_ratio": Option(0.75, float, "fraction of patch tokens replaced by the mask token", min=0, max=1),
+        "mask_unit_px": Option(32, int, "side of a block-mask cell in pixels (rounded to whole patches)", min=1),
+        "temperature": Option(0.1, float, "τ of the patch contrast", min=0, min_exclusive=True),
+        "proj_hidden": Option(4096, int, "projector hidden width", min=1),
+        "proj_out": Option(256, int, "projector output width", min=1),
+        "momentum": Option(0.996, float, "teacher EMA momentum at the first step (cosine to 1 at the last)",
+                           min=0, max=1),
+        "crop_scale": Option([0.08, 1.0], list, "random-resized-crop area range", item_type=float, min=0, max=1),
+        "flip": Option(True, bool, "random horizontal flip"),
+    }
+    fixed_options = ("proj_hidden", "proj_out")
+
+    def __init__(self, backbone, opts, context):
+        super().__init__(backbone, opts, context)
+        masked = round(opts["mask_ratio"] * backbone.num_patches)
+        if not 1 <= masked < backbone.num_patches:
+            raise sslbench.RecipeError("options.mask_ratio", f"{opts['mask_ratio']} masks {masked} of the "
+                                       f"{backbone.num_patches} patches; the loss needs at least one masked and "
+                                       "one visible patch")
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.projector = convert_sync_batchnorm(conmim_projector(backbone.embed_dim, opts["proj_hidden"],
+                                                                 opts["proj_out"]))
+        self.teacher = EMA(self.student(), opts["momentum"], copy_buffers=False)
+        self.teacher.train()
+        ignore_in_ddp(self, [n for n, _ in self.named_buffers() if n.startswith("teacher.")])
+
+    def student(self) -> nn.ModuleDict:
+        """The modules the teacher follows, under the names the teacher has (a view, not a registered child)."""
+        return nn.ModuleDict({"backbone": self.backbone, "projector": self.projector})
+
+    def train(self, mode: bool = True) -> "ConMIM":
+        super().train(mode)
+        self.teacher.train()                       # ConMIM's teacher always normalises with its batch statistics
+        return self
+
+    def views(self, data: DataInfo):
+        return conmim_views(data.image_size, data.mean, data.std, tuple(self.opts["crop_scale"]), self.opts["flip"])
+
+    def mask(self, batch_size: int, batch: dict, device: torch.device) -> torch.Tensor:
+        """(B, N) block-wise mask, from a generator seeded by the step's keyed streams."""
+        seed = int(batch["rng"].randint(1 << 24, 1).sum())
+        unit = max(1, round(self.opts["mask_unit_px"] / self.backbone.patch_size))
+        grid_h, grid_w = self.backbone.grid_size
+        return blockwise_mask(batch_size, grid_h, grid_w, self.opts["mask_ratio"], unit,
+                              torch.Generator().manual_seed(seed), device)
+
+    def project_patches(self, tokens: torch.Tensor, projector: nn.Module) -> torch.Tensor:
+        """Project every token (B, 1 + N, D) → (B, N, out): CLS joins the BN statistics and is dropped after."""
+        b, n, d = tokens.shape
+        return projector(tokens.reshape(b * n, d)).view(b, n, -1)[:, self.backbone.num_prefix_tokens:]
+
+    def forward(self, views, batch):
+        if len(views) != 2:
+            raise ValueError(f"ConMIM takes 2 views (student, teacher), got {len(views)}")
+        student_view, teacher_view = views
+        masked = self.mask(student_view.shape[0], batch, student_view.device)
+        tokens = self.backbone(student_view, mask=ReplaceMask(masked, self.mask_token)).tokens
+        student = self.project_patches(tokens, self.projector)
+        with torch.no_grad():
+            teacher_modules = self.teacher.module
+            teacher = self.project_patches(teacher_modules["backbone"](teacher_view).tokens,
+                                           teacher_modules["projector"])
+        loss = patch_contrast_loss(student, teacher, masked, self.opts["temperature"])
+        return {"loss": loss, "logs": {"masked_fraction": float(masked.float().mean())}}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """EMA update of the teacher, momentum on the cosine schedule over the stage's steps."""
+        self.teacher.update(self.student(), cosine_momentum(step, self.context.total_steps, self.opts["momentum"]))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
+
+
+@sslbench.hookimpl
+def register_objectives(register):
+    register("conmim", ConMIM)

@@ -1,0 +1,92 @@
+"""The conmim objective: the loss against a by-hand pipeline, the EMA teacher (buffers, momentum, train mode),
+block-wise masks, gradients, recipe errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sslbench
+from sslbench.backbone import build_backbone
+from sslbench.modules import cosine_momentum
+from sslbench.objective import StageContext
+from sslbench.options import validate_options
+from sslbench.rng import KeyedRandom
+from sslbench_plugins.conmim import ConMIM
+
+from .test_registered_objectives import INFO, images
+
+SMALL = {"proj_hidden": 32, "proj_out": 16, "mask_unit_px": 8}
+
+
+def make(total_steps: int = 10, **options) -> ConMIM:
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, embed_dim=32, depth=2,
+                              num_heads=2, pos_embed="sincos")
+    opts = validate_options(ConMIM.options, {**SMALL, **options}, "options")
+    return ConMIM(backbone, opts, StageContext(0, total_steps, total_steps, 1, 0, 0))
+
+
+def inputs(objective: ConMIM, step: int = 0):
+    index = torch.arange(6)
+    rng = KeyedRandom(0, step, index)
+    views = objective.views(INFO)(images(6).float() / 255, rng)
+    return views, {"index": index, "rng": rng}
+
+
+def test_loss_equals_the_pipeline_written_by_hand():
+    objective = make()
+    views, batch = inputs(objective)
+    loss = objective(views, batch)["loss"]
+    replay = inputs(objective)[1]                     # the same streams, drawn in the same order
+    masked = objective.mask(6, replay, torch.device("cpu"))
+    backbone, teacher = objective.backbone, objective.teacher.module
+    with torch.no_grad():
+        x = backbone.embed(views[0]).clone()
+        x[masked] = objective.mask_token.reshape(-1)                   # replace, then add positions
+        s_tokens = backbone.forward_tokens(backbone.add_pos_embed(x)).tokens
+        s = objective.projector(s_tokens.reshape(-1, 32)).view(6, 65, -1)[:, 1:]
+        t_tokens = teacher["backbone"](views[1]).tokens
+        t = teacher["projector"](t_tokens.reshape(-1, 32)).view(6, 65, -1)[:, 1:]
+    s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+    terms = [-torch.log_softmax(s[b, i] @ t[b].T / 0.1, dim=0)[i] for b in range(6) for i in range(64)
+             if masked[b, i]]
+    torch.testing.assert_close(loss.detach(), torch.stack(terms).mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_masks_are_block_wise_exact_and_reproducible():
+    objective = make()
+    first = objective.mask(6, inputs(objective)[1], torch.device("cpu"))
+    assert first.shape == (6, 64) and (first.sum(1) == 48).all()         # round(0.75 · 64) per image
+    assert torch.equal(first, objective.mask(6, inputs(objective)[1], torch.device("cpu")))
+    assert not torch.equal(first, objective.mask(6, inputs(objective, step=1)[1], torch.device("cpu")))
+
+
+def test_teacher_is_an_ema_of_backbone_and_projector_kept_in_train_mode():
+    objective = make(total_steps=10)
+    assert not any(n.startswith("teacher.") for n, _ in objective.named_parameters())
+    teacher = dict(objective.teacher.module.named_buffers())
+    student = dict(objective.student().named_parameters())
+    assert all(torch.equal(teacher[n], p) for n, p in student.items())
+    optimizer = torch.optim.SGD(objective.parameters(), lr=0.5)
+    views, batch = inputs(objective)
+    objective(views, batch)["loss"].backward()
+    assert objective.mask_token.grad.abs().sum() > 0                    # the mask token learns
+    before = {n: b.clone() for n, b in teacher.items()}
+    optimizer.step()
+    objective.after_step(3)
+    m = cosine_momentum(3, 10, 0.996)
+    for name, param in objective.student().named_parameters():
+        torch.testing.assert_close(teacher[name], m * before[name] + (1 - m) * param.detach())
+    running = "projector.1.running_mean"                               # the teacher's own BN statistics:
+    assert torch.equal(teacher[running], before[running])              # the update does not copy the student's
+    assert not torch.equal(teacher[running], dict(objective.student().named_buffers())[running])
+    objective.eval()
+    assert objective.teacher.training and not objective.projector.training
+
+
+def test_a_ratio_that_masks_nothing_or_everything_is_a_recipe_error():
+    for ratio in (0.0, 1.0):
+        with pytest.raises(sslbench.RecipeError, match="options.mask_ratio"):
+            make(mask_ratio=ratio)
