@@ -1,4 +1,4 @@
-"""The paper-scale ImageNet recipes: `sslbench check` validates each (fast, meta device, no checkpoint or data
+"""Every shipped recipe validates; the paper-scale ImageNet recipes: `sslbench check` validates each (fast, meta device, no checkpoint or data
 needed); they share one evaluation protocol; `sslbench run --dry-run` takes a real step of each (slow: minutes and
 up to ~18 GB on a CPU; `python -m pytest -m slow tests/test_paper_recipes.py`)."""
 
@@ -25,6 +25,12 @@ def test_paper_recipe_checks(name, capsys):
     out = capsys.readouterr().out
     assert "is not on this machine" in out  # the official weights are not shipped
     assert out.count("Stage ") == 2 and "(carried over)" in out
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.rglob("*.toml")), ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_shipped_recipe_checks(path, capsys):
+    """Every recipe in recipes/ (paper-scale, Fashion-MNIST, quickstart) validates against the registered plugins."""
+    assert main(["check", str(path), "--allow-missing-files"]) == 0, capsys.readouterr().out
 
 
 def test_paper_recipes_share_data_and_protocol():
