@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .evaluate import build_evaluators
 from .objective import StageContext
 from .optim import base_lr, frozen_names
 from .plugins import get_registry
@@ -58,7 +59,8 @@ def check_recipe(path: str, allow_missing: bool = False) -> int:
                   f"layer decay {stage['layer_decay']:g}, EMA {stage['ema_momentum']:g}")
             print(f"    objective modules {_millions(heads)}; trainable {_millions(trainable)} of "
                   f"{_millions(_count(named.values()))}; frozen: {', '.join(stage['freeze']) or 'nothing'}")
-    for e in recipe["eval"]:
+    evaluators = build_evaluators(registry, recipe["eval"], backbone.depth, source=str(path))
+    for e, evaluator in zip(recipe["eval"], evaluators):
         opts = ", ".join(f"{k}={v}" for k, v in e.items() if k != "name")
-        print(f"Evaluate {e['name']}: {opts}")
+        print(f"Evaluate {e['name']}: {opts} ({len(evaluator.requests(backbone.depth))} feature request(s))")
     return 0

@@ -25,6 +25,7 @@ import torch
 
 from .data import ImageDataset, InMemoryLoader
 from .errors import RecipeError
+from .evaluate import build_evaluators
 from .objective import StageContext
 from .plugins import get_registry
 from .recipe import load_recipe
@@ -98,14 +99,9 @@ def _one_step_stage(stage: dict, n: int) -> dict:
 
 
 def _check_evaluators(registry, recipe: dict, depth: int) -> list[str]:
-    lines = []
-    for e in recipe["eval"]:
-        evaluator = registry.get("evaluator", e["name"]).factory(
-            {k: v for k, v in e.items() if k not in ("name", "use_ema")})
-        requests = list(evaluator.requests(depth)) if hasattr(evaluator, "requests") else []
-        lines.append(f"Evaluate {e['name']}{' (EMA)' if e['use_ema'] else ''}: built, "
-                     f"{len(requests)} feature request(s)")
-    return lines
+    evaluators = build_evaluators(registry, recipe["eval"], depth)
+    return [f"Evaluate {e['name']}{' (EMA)' if e['use_ema'] else ''}: built, "
+            f"{len(evaluator.requests(depth))} feature request(s)" for e, evaluator in zip(recipe["eval"], evaluators)]
 
 
 def dry_run_recipe(path: str, seed: int | None = None) -> int:

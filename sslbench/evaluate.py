@@ -18,6 +18,24 @@ def feature_cache_dir() -> Path:
     return default_cache_dir().parent / "features"
 
 
+def build_evaluators(registry, evals: list[dict], depth: int, source: str | None = None) -> list:
+    """The evaluators of an ``[[eval]]`` list, with their feature requests checked against a backbone of ``depth``
+    blocks: a block it does not have is a :class:`RecipeError` naming ``eval[i]`` now, not after the training."""
+    from .errors import RecipeError, UserError
+
+    evaluators = []
+    for i, e in enumerate(evals):
+        evaluator = registry.get("evaluator", e["name"]).factory(
+            {k: v for k, v in e.items() if k not in ("name", "use_ema")})
+        try:
+            for request in evaluator.requests(depth):
+                request.resolve(depth)
+        except UserError as err:
+            raise RecipeError(f"eval[{i}]", f"{e['name']}: {err}", source=source) from None
+        evaluators.append(evaluator)
+    return evaluators
+
+
 def evaluate_backbone(recipe: dict, registry, backbone, datasets: dict, accelerator, evals: list[dict] | None = None,
                       progress: bool = True) -> list[tuple[dict, object]]:
     """Run the recipe's evaluations (or ``evals``). Returns ``[(eval table, MetricValue), ...]`` on the main
@@ -28,8 +46,7 @@ def evaluate_backbone(recipe: dict, registry, backbone, datasets: dict, accelera
     evals = recipe["eval"] if evals is None else evals
     if not evals:
         return []
-    evaluators = [registry.get("evaluator", e["name"]).factory(
-        {k: v for k, v in e.items() if k not in ("name", "use_ema")}) for e in evals]
+    evaluators = build_evaluators(registry, evals, backbone.depth)
     requests = sorted({r for ev in evaluators for r in ev.requests(backbone.depth)}, key=str)
     mean, std = normalisation(recipe, datasets["test"].channels)
     transform = EvalTransform(image_size(recipe, backbone), mean=mean, std=std)

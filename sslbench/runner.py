@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .errors import RecipeError, UserError
+from .evaluate import build_evaluators
 from .io import atomic_torch_save, atomic_write_text
 from .objective import DataInfo, StageContext
 from .recipe import protocol_hash, recipe_hash, to_toml
@@ -82,13 +83,15 @@ class Run:
         self.registry = registry
         self.accelerator = make_accelerator(recipe)
         acc = self.accelerator
+        seed = recipe["run"]["seed"]
+        _seed_everything(seed)
+        self.backbone, self.load_report = build_model(recipe, registry)
+        build_evaluators(registry, recipe["eval"], self.backbone.depth)     # bad blocks fail before training
+        # The run folder only once the model and evaluators are known to build: bad input leaves nothing behind.
         self.run_dir = prepare_run_dir(recipe, resume, force, acc.is_main_process)
         acc.wait_for_everyone()
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.log_path = self.run_dir / "log.jsonl"
-        seed = recipe["run"]["seed"]
-        _seed_everything(seed)
-        self.backbone, self.load_report = build_model(recipe, registry)
         self.datasets = load_datasets(recipe, registry, acc)
         self.data_info: DataInfo = data_info(recipe, self.datasets["train"], self.backbone)
         self.progress = Progress()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,7 @@ BAD_CASES = [
     (("run", "mixed_precision"), "fp8", "run.mixed_precision", "one of"),
     (("eval", 0, "k"), [5, "ten"], "eval[0].k[1]", "integers"),
     (("run", "name"), KeyError, "run.name", "missing"),
+    (("eval", 0, "block"), 40, "eval[0]", "block: got 40, expected -2..1"),   # a block the backbone lacks
 ]
 
 
@@ -64,6 +66,14 @@ def test_bad_recipe_from_the_shell_has_no_traceback(tiny_recipe, write_recipe):
     assert out.stderr.strip() == (f"error: {path}: stages[0].optimizer.lr: got 'fast' (str), expected a number > 0")
     debug = subprocess.run(sslbench_cmd() + ["--debug", "run", str(path)], capture_output=True, text=True)
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_a_block_the_backbone_lacks_fails_before_training_and_leaves_no_run_folder(tiny_recipe, write_recipe,
+                                                                                   capsys):
+    path = write_recipe(_bad(tiny_recipe, ("eval", 0, "block"), 40))
+    assert main(["run", str(path)]) == 2
+    assert "eval[0]: knn: block: got 40" in capsys.readouterr().err
+    assert not (Path(tiny_recipe["run"]["output_dir"]) / tiny_recipe["run"]["name"]).exists()
 
 
 def test_missing_and_malformed_recipe_files(tmp_path, capsys):
