@@ -17,6 +17,7 @@ from .conftest import sslbench_cmd
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PAPER_RECIPES = ["mimrefiner_vitl.toml", "mimrefiner_d2v2_vith14.toml", "maect_vitl.toml"]
+PRETRAINING_RECIPES = ["conmim_vitl.toml", "micl_vitl.toml"]
 
 
 @pytest.mark.parametrize("name", PAPER_RECIPES)
@@ -49,8 +50,15 @@ def test_paper_recipes_share_data_and_protocol():
     assert all(e["use_ema"] for e in refiner_l["eval"]) and refiner_l["stages"][1]["ema_momentum"] == 0.9999
 
 
+def test_pretraining_recipes_share_the_refinement_protocol():
+    registry = get_registry()
+    hashes = {protocol_hash(load_recipe(RECIPES / name, registry, check_files=False))
+              for name in PAPER_RECIPES + PRETRAINING_RECIPES}
+    assert len(hashes) == 1, "ConMIM / MiCL rows would not sit beside the refinements' on the leaderboard"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", PAPER_RECIPES)
+@pytest.mark.parametrize("name", PAPER_RECIPES + PRETRAINING_RECIPES)
 def test_paper_recipe_dry_run(name, tmp_path):
     done = subprocess.run(sslbench_cmd() + ["run", str(RECIPES / name), "--dry-run"], capture_output=True,
                           text=True, cwd=tmp_path, timeout=3600)
