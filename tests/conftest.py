@@ -84,5 +84,15 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SSLBENCH_CACHE", str(tmp_path / "cache"))
 
 
+def assert_declared(registry, kind: str, name: str, base: type):
+    """A registered plugin class declares itself fully: the right base class, its own name, a description and a
+    documented option each. Returns the class."""
+    factory = registry.get(kind, name).factory
+    assert issubclass(factory, base) and factory.name == name and factory.description
+    for key, option in factory.options.items():
+        assert option.doc, f"{kind} {name}: option {key} has no documentation"
+    return factory
+
+
 def sslbench_cmd() -> list[str]:
     return [sys.executable, "-m", "sslbench"]

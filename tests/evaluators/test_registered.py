@@ -15,6 +15,8 @@ from sslbench.features import FeatureRequest
 from sslbench.options import validate_options
 from sslbench.plugins import build_registry
 
+from ..conftest import assert_declared
+
 REGISTRY = build_registry()
 EVALUATORS = REGISTRY.names("evaluator")
 DEPTH = 4
@@ -49,10 +51,7 @@ def test_the_suite_is_registered():
 
 @pytest.mark.parametrize("name", EVALUATORS)
 def test_declaration(name):
-    factory = REGISTRY.get("evaluator", name).factory
-    assert issubclass(factory, Evaluator) and factory.name == name and factory.description
-    for key, option in factory.options.items():
-        assert option.doc, f"{name}.{key} has no documentation"
+    assert_declared(REGISTRY, "evaluator", name, Evaluator)
     build(name)                                                     # the defaults validate
 
 

@@ -18,6 +18,7 @@ from sslbench.options import validate_options
 from sslbench.plugins import build_registry
 from sslbench.rng import KeyedRandom
 
+from ..conftest import assert_declared
 from .test_mim_refiner import images
 
 REGISTRY = build_registry()
@@ -49,10 +50,7 @@ def test_the_seed_papers_objectives_are_registered():
 
 @pytest.mark.parametrize("name", OBJECTIVES)
 def test_declaration(name):
-    factory = REGISTRY.get("objective", name).factory
-    assert issubclass(factory, Objective) and factory.name == name and factory.description
-    for key, option in factory.options.items():
-        assert option.doc, f"{name}.{key} has no documentation"
+    factory = assert_declared(REGISTRY, "objective", name, Objective)
     assert set(factory.fixed_options) <= set(factory.options)
 
 
