@@ -43,7 +43,7 @@ def _pyplot():
 
 def _save(figure, path: Path) -> Path:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")   # keeps a legend placed outside
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer.getvalue())
     return path
@@ -171,7 +171,8 @@ def plot_main_metrics(group: pd.DataFrame, columns: list[str], path: Path, title
         axes.set_ylabel("value (%)")
         axes.set_title(title, fontsize=9)
         axes.grid(axis="y", alpha=0.3)
-        axes.legend(fontsize=7)
+        # Beside the axes: inside, a long legend (one line per run) hides the bars and their values.
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         figure.tight_layout()
         return _save(figure, path)
     finally:
