@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .data_sources import default_cache_dir
+from .errors import RecipeError, UserError
 from .evaluator import Split
 from .setup import image_size, normalisation
 
@@ -21,8 +22,6 @@ def feature_cache_dir() -> Path:
 def build_evaluators(registry, evals: list[dict], depth: int, source: str | None = None) -> list:
     """The evaluators of an ``[[eval]]`` list, with their feature requests checked against a backbone of ``depth``
     blocks: a block it does not have is a :class:`RecipeError` naming ``eval[i]`` now, not after the training."""
-    from .errors import RecipeError, UserError
-
     evaluators = []
     for i, e in enumerate(evals):
         evaluator = registry.get("evaluator", e["name"]).factory(
