@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sslbench
 from sslbench.losses import micl_loss
-from sslbench.masks import split_mask_from_noise
+from sslbench.masks import split_mask_from_noise, split_size
 from sslbench.objective import DataInfo, Objective
 from sslbench.options import Option
 from sslbench.views import micl_views
@@ -44,7 +44,7 @@ class MiCL(Objective):
     def __init__(self, backbone, opts, context):
         super().__init__(backbone, opts, context)
         # Fail when the recipe is checked, not at the first step: each view needs at least one patch.
-        if opts["mask_ratio"] >= 1 or int(backbone.num_patches * (1 - opts["mask_ratio"])) // 2 < 1:
+        if opts["mask_ratio"] >= 1 or split_size(backbone.num_patches, opts["mask_ratio"], 2) < 1:
             raise sslbench.RecipeError("options.mask_ratio", f"{opts['mask_ratio']} leaves fewer than 2 of the "
                                        f"{backbone.num_patches} patches, but each of the two views needs one")
 

@@ -183,6 +183,11 @@ def random_split_mask(batch: int, num_patches: int, ratio: float, splits: int = 
     return split_mask_from_noise(_uniform((batch, num_patches), generator, device), ratio, splits)
 
 
+def split_size(num_patches: int, ratio: float, splits: int = 2) -> int:
+    """Patches per split of a MiCL-style split mask: ``int(N * (1 - ratio)) // S`` (0: the ratio leaves too few)."""
+    return int(num_patches * (1 - ratio)) // splits
+
+
 def split_mask_from_noise(noise: Tensor, ratio: float, splits: int = 2) -> SplitMask:
     """:func:`random_split_mask` from given (B, N) uniform noise (e.g. an objective's keyed per-sample stream):
     the permutation is ``argsort(noise)``."""
@@ -190,7 +195,7 @@ def split_mask_from_noise(noise: Tensor, ratio: float, splits: int = 2) -> Split
     if splits < 1:
         raise UserError(f"number of splits must be >= 1, got {splits}")
     batch, num_patches = noise.shape
-    per_split = int(num_patches * (1 - ratio)) // splits
+    per_split = split_size(num_patches, ratio, splits)
     if per_split < 1:
         raise UserError(f"mask ratio {ratio} with {splits} splits leaves no patch per split out of "
                         f"{num_patches}; lower the ratio")

@@ -117,7 +117,8 @@ def logistic_loss_and_grad(
     softmax cross-entropy with respect to the logits is ``softmax − one-hot``, so
     ``∇W_s = x_sᵀ·(P_s − Y_s)/n + penalty·W_s``. Written out rather than taken from autograd because the solver
     evaluates it a few dozen times per problem on small matrices, where autograd's bookkeeping costs as much as
-    the arithmetic (low-shot on Fashion-MNIST-sized features: 0.48 s → 0.31 s with the single prediction matmul).
+    the arithmetic (low-shot on Fashion-MNIST-sized features: 0.48 s → 0.32 s with the single prediction matmul,
+    ``benchmarks/bench_evaluators.py``).
     """
     rows = x.shape[1]
     log_p = torch.log_softmax(torch.bmm(x, weights), dim=-1)
