@@ -15,6 +15,7 @@ Rows: ``acc``, ``nmi``, ``ami``, ``ari`` (and ``silhouette``, ``davies_bouldin``
 from __future__ import annotations
 
 import sslbench
+from sslbench.errors import UserError
 from sslbench.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
 from sslbench.evaluators import clustering
 from sslbench.options import Option
@@ -38,6 +39,14 @@ class Clustering(Evaluator):
     def requests(self, depth):
         self.request = feature_request(self.opts, depth)
         return [self.request]
+
+    def check_data(self, train, test):
+        split = train if self.opts["split"] == "train" else test
+        if split.num_classes > split.num_samples or split.num_classes < 1:
+            raise UserError(f"split: the {self.opts['split']} split has {split.num_samples} labelled images for "
+                            f"{split.num_classes} clusters (one per class)")
+        if self.opts["silhouette"] and split.num_classes < 2:
+            raise UserError("silhouette: needs at least 2 classes in the clustered split")
 
     def evaluate(self, train, test):
         o, request = self.opts, self.request

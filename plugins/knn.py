@@ -12,6 +12,7 @@ The math is :func:`sslbench.evaluators.knn`; this plugin maps recipe options to 
 from __future__ import annotations
 
 import sslbench
+from sslbench.errors import UserError
 from sslbench.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
 from sslbench.evaluators import knn
 from sslbench.options import Option
@@ -30,6 +31,11 @@ class KNN(Evaluator):
     def requests(self, depth):
         self.request = feature_request(self.opts, depth)
         return [self.request]
+
+    def check_data(self, train, test):
+        if max(self.opts["k"]) > train.num_samples:
+            raise UserError(f"k: got {max(self.opts['k'])} neighbours, but the evaluation training set has only "
+                            f"{train.num_samples} images")
 
     def evaluate(self, train, test):
         request = self.request

@@ -66,6 +66,15 @@ class LinearProbe(Evaluator):
     def _variants(self) -> list[tuple[int, bool]]:
         return list(dict.fromkeys(itertools.product(self.opts["n_last_blocks"], self.opts["avgpool"])))
 
+    def check_data(self, train, test):
+        from sslbench.errors import UserError
+
+        # The same rule as stratified_holdout: round(f·n_c) rows of each class with ≥ 2 images, at least 1.
+        held_out = sum(min(max(1, round(c * self.opts["val_fraction"])), c - 1) for c in train.class_counts if c >= 2)
+        if held_out == 0:
+            raise UserError(f"val_fraction: {self.opts['val_fraction']} of the {train.num_samples} evaluation "
+                            "training images leaves no held-out images to choose the head (every class needs ≥ 2)")
+
     def requests(self, depth):
         norm = self.opts["norm"]
         self.layout: dict[str, list[FeatureRequest]] = {}

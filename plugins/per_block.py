@@ -47,6 +47,11 @@ class PerBlock(Evaluator):
         self.layout = {norm: {b: FeatureRequest(b, "cls", norm) for b in self.blocks} for norm in norms}
         return [r for by_block in self.layout.values() for r in by_block.values()]
 
+    def check_data(self, train, test):
+        if max(self.opts["k"]) > train.num_samples:
+            raise UserError(f"k: got {max(self.opts['k'])} neighbours, but the evaluation training set has only "
+                            f"{train.num_samples} images")
+
     def evaluate(self, train, test):
         o = self.opts
         suffix = ",std" if o["standardize"] else ""

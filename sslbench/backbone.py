@@ -127,6 +127,11 @@ class Backbone(nn.Module):
             "no_embed_class": bool(vit.no_embed_class),
         }
 
+    def fixed_parameters(self) -> set[str]:
+        """Names (relative to this module) of parameters that are fixed by construction and never trained, whatever
+        a stage freezes or unfreezes: the 2-D sin-cos position table of ``pos_embed = "sincos"`` (MAE, MiCL)."""
+        return {"vit.pos_embed"} if self.architecture["pos_embed"] == "sincos" else set()
+
     # --- stages -------------------------------------------------------------------------------------------
     def embed(self, images: Tensor) -> Tensor:
         """Patch embeddings (B, N, D), no position embedding, no CLS."""

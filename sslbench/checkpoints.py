@@ -196,7 +196,7 @@ def read_checkpoint_file(path: str | Path, allow_pickle: bool = False) -> Any:
         except pickle.UnpicklingError as exc:
             # torch names the first class outside its weights-only allow-list ("GLOBAL argparse.Namespace");
             # other unpickling errors mean the file is not a checkpoint at all
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
             if found is None:
                 raise
             if not allow_pickle:
@@ -204,14 +204,16 @@ def read_checkpoint_file(path: str | Path, allow_pickle: bool = False) -> Any:
                     path, found.group(1),
                     f"{path}: holds pickled Python objects besides tensors ({found.group(1)}), which are not "
                     f"loaded by default because unpickling runs code; if you trust the file, allow it "
-                    f"(allow_pickle; in a recipe: backbone.checkpoint_trusted = true) or re-save just its "
-                    f"state dict") from None
+                    f"(in a recipe: backbone.checkpoint_trusted = true; for sslbench eval: --trust-checkpoint) "
+                    f"or re-save just its state dict") from None
             log.warning("loading %s with full unpickling (allow_pickle)", path)
             return torch.load(path, map_location="cpu", weights_only=False)
     except UserError:
         raise
-    except Exception as exc:  # a truncated or foreign file: tell the user which one
-        raise UserError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # a truncated or foreign file: tell the user which one, in one short line
+        reason = " ".join(str(exc).split())[:160] or "no detail"
+        raise UserError(f"{path}: cannot read checkpoint, not a torch or safetensors weights file, or truncated "
+                        f"({type(exc).__name__}: {reason})") from None
 
 
 def _check_architecture(backbone: "Backbone", fmt: CheckpointFormat, path: Path) -> None:

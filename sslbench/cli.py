@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--force", action="store_true", help="delete an existing run folder of the same name first")
+    p.add_argument("--allow-optimizer-change", action="store_true",
+                   help="with --resume: accept a recipe that changes only optimiser settings (stages[i].optimizer, "
+                        "schedule, clip_grad), e.g. a lower lr after a divergence; recorded in recipe.json")
     p.add_argument("--seed", type=int, help="override run.seed (the run is named <name>-seed<N>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--dry-run", action="store_true",
@@ -50,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", help="checkpoint format: timm, mae, data2vec2, sslbench, sslbench_ema or a plugin's "
                                     "(default: sslbench for a run's backbone.pt, else the recipe's)")
     p.add_argument("--name", help="output folder under run.output_dir (default: eval-<checkpoint>)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow the checkpoint to unpickle Python objects besides tensors (runs code from the file: "
+                        "only for a file from a trusted source); the recipe's checkpoint_trusted never applies here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("leaderboard", help="aggregate all runs into a leaderboard (CSV and Markdown)")
@@ -81,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                 from .dry_run import dry_run_recipe
 
                 return dry_run_recipe(args.recipe, seed=args.seed)
-            run_recipe(args.recipe, resume=args.resume, force=args.force, seed=args.seed)
+            if args.allow_optimizer_change and not args.resume:
+                raise UserError("--allow-optimizer-change: only with --resume")
+            run_recipe(args.recipe, resume=args.resume, force=args.force, seed=args.seed,
+                       allow_optimizer_change=args.allow_optimizer_change)
             return 0
         if args.command == "eval":
             from .eval_checkpoint import evaluate_checkpoint
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_progress:
                 os.environ["SSLBENCH_PROGRESS"] = "0"
             evaluate_checkpoint(args.recipe, args.checkpoint, fmt=args.format, name=args.name,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, trust_checkpoint=args.trust_checkpoint)
             return 0
         if args.command == "leaderboard":
             from .results import collect_runs, build_leaderboard, write_leaderboard
@@ -107,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        # One line, always: a message quoting a file's bytes or a library's text may carry line breaks.
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)

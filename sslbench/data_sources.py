@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .data import DataSource, ImageDataset, compute_fingerprint
 from .errors import UserError
+from .decoding import decode_rows, to_array_checked
 from .lazy_images import STORAGES, keep_lazy, lazy_images
 from .options import Option
 
@@ -96,6 +97,10 @@ def _open_hf(kind: str, path: str, config: str | None, split: str | None, hf_cac
     """Open a ``datasets.Dataset`` of the given kind; any failure becomes a one-line :class:`UserError`."""
     import datasets
 
+    from .progress import progress_enabled
+
+    if not progress_enabled():  # --no-progress silences datasets' own bars too
+        datasets.disable_progress_bars()
     what = f"{kind} dataset {path!r}" + (f" (config {config!r})" if config else "")
     try:
         if kind == "hf":
@@ -161,24 +166,6 @@ def _labels(ds, requested: str, what: str) -> tuple[torch.Tensor, list[str]]:
     raise UserError(f"{what}: label_column {requested!r} has type {feature}; expected class labels, ints or strings")
 
 
-def _to_array(image, mode: str, resize: int | None, resize_mode: str) -> np.ndarray:
-    """One PIL image → ``uint8`` array (H, W) or (H, W, 3), converted and optionally resized to a square."""
-    from PIL import Image
-
-    image = image.convert(mode)
-    if resize is not None and image.size != (resize, resize):
-        w, h = image.size
-        if resize_mode == "squash":
-            image = image.resize((resize, resize), Image.Resampling.BICUBIC)
-        else:  # keep the aspect ratio: shorter side to `resize`, then the central square
-            scale = resize / min(w, h)
-            nw, nh = max(resize, round(w * scale)), max(resize, round(h * scale))
-            image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - resize) // 2, (nh - resize) // 2
-            image = image.crop((left, top, left + resize, top + resize))
-    return np.asarray(image, dtype=np.uint8)
-
-
 def _decode_images(ds, column: str, channels: int | None, resize: int | None, resize_mode: str,
                    what: str) -> torch.Tensor:
     """Decode the Image column with ``datasets``' Image feature, chunk by chunk, into one ``(N, C, H, W)`` tensor."""
@@ -188,11 +175,12 @@ def _decode_images(ds, column: str, channels: int | None, resize: int | None, re
     ds = ds.select_columns([column])  # fetch (and decode) nothing else
     out: np.ndarray | None = None
     for start in range(0, n, _DECODE_CHUNK):
-        for offset, image in enumerate(ds[start:start + _DECODE_CHUNK][column]):
+        rows = list(range(start, min(n, start + _DECODE_CHUNK)))
+        for offset, image in enumerate(decode_rows(ds, column, rows, what)):
             if out is None:  # the first image fixes channels (unless given) and size
                 channels = channels or (1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
                 mode = "L" if channels == 1 else "RGB"
-            array = _to_array(image, mode, resize, resize_mode)
+            array = to_array_checked(ds, column, start + offset, image, mode, resize, resize_mode, what)
             if out is None:
                 out = np.empty((n, *array.shape[:2], channels), dtype=np.uint8)
             if array.shape[:2] != out.shape[1:3]:

@@ -18,8 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from . import __version__
-from .errors import UserError
+from .errors import RecipeError, UserError
 
 #: The stage label of rows written by ``sslbench eval``.
 EVAL_STAGE = "eval"
@@ -73,7 +72,7 @@ def default_name(path: Path) -> str:
     stem = path.stem
     if source_run(path) is not None:
         stem = path.resolve().parent.parent.name + ("" if stem == "backbone" else f"-{stem}")
-    return "eval-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "checkpoint")
+    return "eval-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_")[:100] or "checkpoint")
 
 
 def plain_evals(evals: list[dict]) -> list[dict]:
@@ -99,23 +98,17 @@ def _check_dir(run_dir: Path) -> None:
             raise UserError(f"{run_dir}: holds a training run; choose another --name for the evaluation")
 
 
-def _write_recipe(run_dir: Path, recipe: dict, checkpoint: dict) -> None:
-    from .io import atomic_write_text
-    from .recipe import protocol_hash, recipe_hash, to_toml
-
-    meta = run_dir / "recipe.json"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.toml", to_toml(recipe))
-    atomic_write_text(meta, json.dumps({"recipe_hash": recipe_hash(recipe), "protocol_hash": protocol_hash(recipe),
-                                        "sslbench_version": __version__, "evaluated_checkpoint": checkpoint,
-                                        "recipe": recipe}, indent=2))
-
-
 def evaluate_checkpoint(recipe_path: str, checkpoint: str, fmt: str | None = None, name: str | None = None,
-                        progress: bool = True) -> Path | None:
+                        progress: bool = True, trust_checkpoint: bool = False) -> Path | None:
     """Evaluate ``checkpoint`` with the recipe's evaluations; returns the output folder (``None`` on processes
-    other than the main one). Input problems raise :class:`UserError`."""
-    from .evaluate import evaluate_backbone
+    other than the main one). Input problems raise :class:`UserError`.
+
+    The recipe's ``backbone.checkpoint_trusted`` is about the recipe's own checkpoint file and is never passed on
+    to ``checkpoint``: a file named here may unpickle Python objects only with ``trust_checkpoint``
+    (``--trust-checkpoint``), which the resolved recipe records."""
+    from .evaluate import build_evaluators, evaluate_backbone, preflight_evaluators
+    from .recipe import check_run_name
+    from .run_folder import write_meta
     from .plugins import get_registry
     from .recipe import load_recipe
     from .report import dataset_label, metric_rows, publish_rows
@@ -131,20 +124,29 @@ def evaluate_checkpoint(recipe_path: str, checkpoint: str, fmt: str | None = Non
         raise UserError(f"--checkpoint: file not found: {checkpoint}")
     fmt = fmt or sniff_format(path) or recipe["backbone"]["checkpoint_format"]
     registry.get("checkpoint_format", fmt)                      # unknown format → one-line error naming the known
-    if name is not None and (not name or not re.fullmatch(r"[A-Za-z0-9_.+=-]+", name) or name.startswith(".")):
-        raise UserError(f"--name: got {name!r}, expected letters, digits and _ . + = - (a folder name)")
-    name = name or default_name(path)
+    name = check_run_name(name, "--name") if name is not None else default_name(path)
 
-    recipe["backbone"].update(checkpoint=str(path), checkpoint_format=fmt)
+    recipe["backbone"].update(checkpoint=str(path), checkpoint_format=fmt, checkpoint_trusted=trust_checkpoint)
     recipe["run"].update(name=name, trackers=[])
     recipe["eval"] = plain_evals(recipe["eval"])
     run_dir = Path(recipe["run"]["output_dir"]) / name
     _check_dir(run_dir)
     accelerator = make_accelerator(recipe)
-    backbone, _ = build_model(recipe, registry)                 # a wrong format or shape fails here, before any file
+    try:
+        backbone, _ = build_model(recipe, registry)             # a wrong format or shape fails here, before any file
+    except RecipeError as exc:
+        if exc.key != "backbone.checkpoint_trusted":
+            raise
+        raise UserError(f"--checkpoint: {path} pickles Python objects besides tensors, and loading it would run "
+                        "code from the file; if you trust its source, pass --trust-checkpoint (the recipe's "
+                        "checkpoint_trusted does not apply to a file named on the command line)") from None
     datasets = load_datasets(recipe, registry, accelerator)
+    preflight_evaluators(recipe["eval"], build_evaluators(registry, recipe["eval"], backbone.depth), datasets,
+                         source=recipe_path)
     if accelerator.is_main_process:
-        _write_recipe(run_dir, recipe, {"path": str(path), "format": fmt})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_meta(run_dir, recipe, evaluated_checkpoint={"path": str(path), "format": fmt,
+                                                          "trusted": trust_checkpoint})
     results = evaluate_backbone(recipe, registry, backbone, datasets, accelerator, progress=progress)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:

@@ -35,6 +35,19 @@ def build_evaluators(registry, evals: list[dict], depth: int, source: str | None
     return evaluators
 
 
+def preflight_evaluators(evals: list[dict], evaluators: list, datasets: dict, source: str | None = None) -> None:
+    """Each evaluator's :meth:`~sslbench.evaluator.Evaluator.check_data` on the loaded evaluation data; a problem
+    is a :class:`RecipeError` naming ``eval[i]`` and the option."""
+    from .evaluator import DataSummary
+
+    train, test = DataSummary.of(datasets["eval_train"].labels), DataSummary.of(datasets["test"].labels)
+    for i, (table, evaluator) in enumerate(zip(evals, evaluators)):
+        try:
+            evaluator.check_data(train, test)
+        except UserError as err:
+            raise RecipeError(f"eval[{i}]", f"{table['name']}: {err}", source=source) from None
+
+
 def evaluate_backbone(recipe: dict, registry, backbone, datasets: dict, accelerator, evals: list[dict] | None = None,
                       progress: bool = True) -> list[tuple[dict, object]]:
     """Run the recipe's evaluations (or ``evals``). Returns ``[(eval table, MetricValue), ...]`` on the main

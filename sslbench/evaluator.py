@@ -44,6 +44,24 @@ class Split:
     labels: torch.Tensor
 
 
+@dataclass(frozen=True)
+class DataSummary:
+    """What an evaluator may check before training: a split's number of images and images per class."""
+
+    num_samples: int
+    class_counts: tuple[int, ...]
+
+    @classmethod
+    def of(cls, labels: torch.Tensor) -> "DataSummary":
+        labels = labels[labels >= 0]
+        counts = torch.bincount(labels).tolist() if labels.numel() else []
+        return cls(int(labels.numel()), tuple(int(c) for c in counts))
+
+    @property
+    def num_classes(self) -> int:
+        return sum(1 for c in self.class_counts if c > 0)
+
+
 @dataclass
 class MetricValue:
     """One result: ``metric`` (e.g. ``top1``), ``variant`` (e.g. ``k=20,b11.cls.normed``), ``value``.
@@ -71,6 +89,11 @@ class Evaluator:
     def requests(self, depth: int) -> list:
         """The :class:`sslbench.features.FeatureRequest`s this evaluation needs, for a backbone of ``depth`` blocks."""
         raise NotImplementedError
+
+    def check_data(self, train: DataSummary, test: DataSummary) -> None:
+        """Pre-flight: raise :class:`sslbench.errors.UserError` naming the option (``k: ...``) when the options
+        cannot work on this data (``train`` is the evaluation training set). Called before any training, so a run
+        never trains for hours to fail at its evaluation. The default checks nothing."""
 
     def evaluate(self, train: Split, test: Split) -> list[MetricValue]:
         raise NotImplementedError

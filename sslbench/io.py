@@ -37,6 +37,7 @@ __all__ = [
     "atomic_write_csv",
     "atomic_directory",
     "file_lock",
+    "remove_stale_temp_files",
 ]
 
 
@@ -169,3 +170,40 @@ def file_lock(path: str | os.PathLike, shared: bool = False,
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete the ``.tmp-*`` files and folders that killed writers left in ``directory`` (not recursive).
+
+    Every temporary name ends with its writer's pid (``.tmp-<name>-<random>-<pid>``, ``.tmp-<name>-<pid>``); one
+    whose process no longer exists was abandoned mid-write (``kill -9`` during a checkpoint save) and is removed.
+    Files of live processes are left alone, so this is safe while other runs write beside us. Returns what was
+    removed.
+    """
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for path in directory.iterdir():
+        if not path.name.startswith((".tmp-", ".old-")):
+            continue
+        pid = path.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        removed.append(path)
+    return removed

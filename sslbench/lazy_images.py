@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .decoding import decode_rows, to_array_checked
 from .errors import UserError
 
 MEMORY_LIMIT_ENV = "SSLBENCH_MEMORY_LIMIT_GB"
@@ -62,7 +63,7 @@ class LazyImages:
 
     ``ds`` is a ``datasets.Dataset`` (only ``column`` is read); ``rows`` picks and orders its rows (default:
     all). Images are converted to ``channels`` and, when ``resize`` is set, resized to ``resize`` squares as the
-    in-memory path does (:func:`sslbench.data_sources._to_array`).
+    in-memory path does (:func:`sslbench.decoding.to_array`).
     """
 
     dtype = torch.uint8
@@ -92,16 +93,15 @@ class LazyImages:
 
     def __getitem__(self, index: Any) -> Tensor:
         """Decode the rows at ``index`` (an int, a slice, or a sequence/tensor of ints) into ``uint8``."""
-        from .data_sources import _to_array
-
         picked = self.rows[index]
         single = picked.dim() == 0
         rows = picked.reshape(-1).tolist()
         out = np.empty((len(rows), *self.size, self.channels), dtype=np.uint8)
         mode = "L" if self.channels == 1 else "RGB"
-        images = self.ds[rows][self.column] if rows else []
+        images = decode_rows(self.ds, self.column, rows, self.what) if rows else []
         for i, (row, image) in enumerate(zip(rows, images)):
-            array = _to_array(image, mode, self.resize, self.resize_mode)
+            array = to_array_checked(self.ds, self.column, row, image, mode, self.resize, self.resize_mode,
+                                     self.what)
             if array.shape[:2] != self.size:
                 raise UserError(f"{self.what}: image {row} is {array.shape[1]}x{array.shape[0]}, image 0 is "
                                 f"{self.size[1]}x{self.size[0]}; set the source's resize option to store every "
@@ -118,14 +118,12 @@ def lazy_images(ds: Any, column: str, channels: int | None, resize: int | None, 
                 what: str) -> LazyImages:
     """Lazy images of ``ds``; the first image fixes the channels (unless given) and, without ``resize``, the size
     (every other image must then have it)."""
-    from .data_sources import _to_array
-
     if len(ds) == 0:
         raise UserError(f"{what} is empty")
-    first = ds.select_columns([column])[0][column]
+    first = decode_rows(ds.select_columns([column]), column, [0], what)[0]
     if channels is None:
         channels = 1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-    array = _to_array(first, "L" if channels == 1 else "RGB", resize, resize_mode)
+    array = to_array_checked(ds, column, 0, first, "L" if channels == 1 else "RGB", resize, resize_mode, what)
     return LazyImages(ds.select_columns([column]), column, channels, array.shape[:2], resize, resize_mode, what)
 
 

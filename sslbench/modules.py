@@ -212,7 +212,8 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), float(count))
+            # detached before the host read: converting a tensor that requires grad warns on every step
+            self._update_running_stats(mean.detach(), var.detach(), count.detach().item())
         return out.to(out_dtype)
 
     @torch.no_grad()

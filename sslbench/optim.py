@@ -27,13 +27,16 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def frozen_names(objective: nn.Module, patterns: list[str], depth: int, key: str) -> set[str]:
-    """Parameter names matched by a stage's ``freeze`` list.
+    """Parameter names matched by a stage's ``freeze`` list, plus the backbone's fixed parameters (a sin-cos
+    position table stays fixed even in a stage that trains the whole backbone).
 
     ``backbone`` (the whole encoder), ``stem`` (patch/CLS/position embeddings and the pre-norm), ``heads`` (all
     that is not the backbone), ``blocks[:K]`` (the first K blocks and the stem — MAE-CT freezes the first half),
     ``blocks[:P%]``, or a glob on parameter names such as ``backbone.vit.blocks.0.*``.
     """
     names = [n for n, _ in objective.named_parameters()]
+    fixed_of = getattr(getattr(objective, "backbone", None), "fixed_parameters", None)
+    fixed = {f"backbone.{n}" for n in fixed_of()} if callable(fixed_of) else set()
     stem = re.compile(r"^backbone\.vit\.(patch_embed|cls_token|pos_embed|reg_token|norm_pre)")
     out: set[str] = set()
     for i, pattern in enumerate(patterns):
@@ -59,7 +62,7 @@ def frozen_names(objective: nn.Module, patterns: list[str], depth: int, key: str
             raise RecipeError(where, f"{pattern!r} matches no parameter; use backbone, stem, heads, blocks[:K], "
                                      "blocks[:P%] or a glob on parameter names")
         out |= hit
-    return out
+    return out | (fixed & set(names))
 
 
 def param_groups(objective: nn.Module, backbone, stage: dict, frozen: set[str]) -> list[dict]:

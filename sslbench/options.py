@@ -10,6 +10,7 @@ validates the user's table against it, fills in defaults and reports problems wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -79,12 +80,18 @@ def check_value(option: Option, value: Any, key: str) -> Any:
         raise RecipeError(key, f"got {value!r} ({type(value).__name__}), expected {option.describe()}")
     if option.type is float:
         value = float(value)
+        if not math.isfinite(value):  # TOML writes nan and inf; no option of a recipe means either
+            raise RecipeError(key, f"got {value!r}, expected a finite number ({option.describe()})")
     if option.type is list and option.item_type is not None:
         out = []
         for i, item in enumerate(value):
             if not _is_type(item, option.item_type):
                 raise RecipeError(f"{key}[{i}]", f"got {item!r}, expected {option.describe()}")
-            out.append(float(item) if option.item_type is float else item)
+            if option.item_type is float:
+                item = float(item)
+                if not math.isfinite(item):
+                    raise RecipeError(f"{key}[{i}]", f"got {item!r}, expected a finite number")
+            out.append(item)
         value = out
     numbers = value if option.type is list else [value]
     for v in numbers:

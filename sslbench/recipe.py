@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 RUN = {
-    "name": Option(None, str, "run name; the run folder is <output_dir>/<name>", required=True),
+    "name": Option(None, str, "run name: one folder name (letters, digits, _ . + = -); the run folder is "
+                   "<output_dir>/<name>", required=True),
     "seed": Option(0, int, "seed of data order, augmentations, masks and initialisation", min=0),
     "output_dir": Option("results/runs", str, "folder that holds the run folders"),
     "checkpoint_every": Option(0, int, "save a resumable checkpoint every N optimiser steps (0: stage ends only)",
@@ -56,9 +58,10 @@ BACKBONE = {
                         choices=("learned", "sincos")),
     "checkpoint": Option(None, str, "weights to start from (path)", nullable=True),
     "checkpoint_format": Option("timm", str, "format of the checkpoint (see `sslbench list`)"),
-    "checkpoint_trusted": Option(False, bool, "load a checkpoint that pickles Python objects besides tensors "
-                                              "(fairseq's data2vec 2.0 files); unpickling runs code from the "
-                                              "file: only for files from a trusted source"),
+    "checkpoint_trusted": Option(False, bool, "load backbone.checkpoint even though it pickles Python objects "
+                                              "besides tensors (fairseq's data2vec 2.0 files); unpickling runs "
+                                              "code from the file: only for a file from a trusted source. Applies "
+                                              "to this file only, never to one given on the command line"),
 }
 
 DATA = {
@@ -122,6 +125,19 @@ TOP_LEVEL = ("run", "backbone", "data", "stages", "eval")
 COSMETIC = {"run": ("output_dir", "checkpoint_every", "log_every", "trackers"), "backbone": ("checkpoint_trusted",)}
 
 
+#: A run name is one path component: no separators, no "." or "..", nothing hidden, so a run folder always lies
+#: directly inside run.output_dir and ``--force`` can only ever remove that folder.
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,127}")
+
+
+def check_run_name(name: str, key: str = "run.name") -> str:
+    """Return ``name`` if it is a safe run-folder name, else raise :class:`RecipeError` naming ``key``."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+        raise RecipeError(key, f"got {name!r}, expected one folder name of 1-128 letters, digits and _ . + = - "
+                               "(not starting with . or -)")
+    return name
+
+
 def canonical_hash(obj: Any) -> str:
     """sha256 of the canonical JSON form (sorted keys, no whitespace)."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
@@ -133,10 +149,15 @@ def load_toml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a UTF-8 text file (byte {exc.start}); a recipe is TOML, which is UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML: {exc}") from None
+        raise UserError(f"{path}: not valid TOML: {' '.join(str(exc).split())}") from None
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -223,6 +244,7 @@ def resolve(raw: dict, registry, source: str | None = None, check_files: bool = 
         if unknown:
             raise RecipeError(unknown[0], f"unknown section; allowed: {', '.join(TOP_LEVEL)}")
         recipe = {name: validate_options(schema, raw.get(name), name) for name, schema in SECTIONS.items()}
+        check_run_name(recipe["run"]["name"])
         for i, tracker in enumerate(recipe["run"]["trackers"]):
             if tracker not in TRACKERS:
                 raise RecipeError(f"run.trackers[{i}]", f"got {tracker!r}, expected one of {', '.join(TRACKERS)}")
@@ -255,13 +277,18 @@ def load_recipe(path: str | os.PathLike, registry=None, check_files: bool = True
     return resolve(load_toml(path), registry, source=str(path), check_files=check_files)
 
 
-def recipe_hash(recipe: dict) -> str:
-    """Identifies what a run computes: everything except cosmetic keys (output folder, logging cadence)."""
+def hashed_form(recipe: dict) -> dict:
+    """The recipe without its cosmetic keys (output folder, logging cadence, trust): what the recipe hash covers."""
     stripped = copy.deepcopy(recipe)
     for section, keys in COSMETIC.items():
         for key in keys:
-            stripped[section].pop(key, None)
-    return canonical_hash(stripped)
+            stripped.get(section, {}).pop(key, None)
+    return stripped
+
+
+def recipe_hash(recipe: dict) -> str:
+    """Identifies what a run computes: everything except cosmetic keys (output folder, logging cadence)."""
+    return canonical_hash(hashed_form(recipe))
 
 
 def protocol_hash(recipe: dict) -> str:

@@ -66,10 +66,10 @@ def publish_rows(run_dir: Path, rows: list[dict], runs_root: Path) -> None:
     """Write a run's rows (``metrics.csv``, plus the per-block table and plot when it has per-block rows), print
     them, and refresh the leaderboard beside the runs folder. Shared by ``sslbench run`` and ``sslbench eval``."""
     from .plots import write_run_per_block
-    from .results import build_leaderboard, collect_runs, write_leaderboard, write_metrics
+    from .results import refresh_leaderboard, write_metrics
 
     write_metrics(run_dir, rows)
     write_run_per_block(run_dir)
     for row in rows:
         print(f"{row['evaluator']:>12} {row['metric']:<10} {row['variant']:<34} {row['value']:8.2f}")
-    write_leaderboard(build_leaderboard(collect_runs(runs_root)), runs_root.parent / "leaderboard.csv")
+    refresh_leaderboard(runs_root, runs_root.parent / "leaderboard.csv")

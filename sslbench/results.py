@@ -329,10 +329,24 @@ def write_leaderboard(board: pd.DataFrame, out_csv: str | os.PathLike) -> tuple[
     """Write the leaderboard as CSV and as Markdown beside it (``.md``), atomically, under a file lock."""
     out_csv = Path(out_csv)
     out_md = out_csv.with_suffix(".md")
+    with file_lock(out_csv.with_name(out_csv.name + ".lock")):
+        _write_leaderboard_files(board, out_csv, out_md)
+    return out_csv, out_md
+
+
+def _write_leaderboard_files(board: pd.DataFrame, out_csv: Path, out_md: Path) -> None:
     header = ("# sslbench leaderboard\n\n"
               "One row per (objective, backbone, dataset, checkpoint, stage, protocol); rows of different protocol "
               "hashes are never merged. Cells are the mean ± sample std over seeds (each seed's latest run).\n\n")
+    atomic_write_csv(board, out_csv)
+    atomic_write_text(out_md, header + leaderboard_markdown(board))
+
+
+def refresh_leaderboard(runs_root: str | os.PathLike, out_csv: str | os.PathLike) -> tuple[Path, Path]:
+    """Rebuild the leaderboard from every run below ``runs_root`` and write it, all under the leaderboard's lock:
+    collecting outside the lock would let a writer that read older rows replace a newer board."""
+    out_csv = Path(out_csv)
+    out_md = out_csv.with_suffix(".md")
     with file_lock(out_csv.with_name(out_csv.name + ".lock")):
-        atomic_write_csv(board, out_csv)
-        atomic_write_text(out_md, header + leaderboard_markdown(board))
+        _write_leaderboard_files(build_leaderboard(collect_runs(runs_root)), out_csv, out_md)
     return out_csv, out_md

@@ -7,10 +7,8 @@ committed) and ``metrics.csv``. Only the main process writes.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -18,30 +16,17 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import RecipeError, UserError
-from .evaluate import build_evaluators
-from .io import atomic_torch_save, atomic_write_text
+from .errors import RecipeError, TrainingDiverged
+from .evaluate import build_evaluators, preflight_evaluators
+from .io import atomic_torch_save
 from .objective import DataInfo, StageContext
-from .recipe import protocol_hash, recipe_hash, to_toml
+from .recipe import recipe_hash
+from .resume import load_resume_state, rng_state, save_resume_state, set_rng_state
+from .run_folder import open_run_folder, run_dir_of
 from .setup import build_model, data_info, load_datasets, make_accelerator
 from .train import Progress, StageTrainer, append_jsonl, stage_length, truncate_log
 
-
-def run_dir_of(recipe: dict) -> Path:
-    return Path(recipe["run"]["output_dir"]) / recipe["run"]["name"]
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+__all__ = ["Run", "run_recipe", "run_dir_of"]
 
 
 def _seed_everything(seed: int) -> None:
@@ -50,35 +35,16 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def prepare_run_dir(recipe: dict, resume: bool, force: bool, is_main: bool) -> Path:
-    """Create (or reopen, when resuming) the run folder; refuse to clobber a different or finished run."""
-    run_dir = run_dir_of(recipe)
-    meta = run_dir / "recipe.json"
-    digest = recipe_hash(recipe)
-    if run_dir.exists() and not force:
-        if meta.exists():
-            previous = json.loads(meta.read_text())
-            if previous.get("recipe_hash") != digest:
-                raise UserError(f"{run_dir}: holds a run of a different recipe (hash {previous.get('recipe_hash', '?')[:12]}"
-                                f" ≠ {digest[:12]}); rename run.name or pass --force to start over")
-        has_state = (run_dir / "checkpoints" / "last.pt").exists()
-        if has_state and not resume:
-            raise UserError(f"{run_dir}: a run with this name exists; pass --resume to continue it or --force to "
-                            "start over")
-    if is_main:
-        if force and run_dir.exists():
-            shutil.rmtree(run_dir)
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "recipe.toml", to_toml(recipe))
-        atomic_write_text(meta, json.dumps({"recipe_hash": digest, "protocol_hash": protocol_hash(recipe),
-                                            "sslbench_version": __version__, "recipe": recipe}, indent=2))
-    return run_dir
-
-
 class Run:
-    """One run of a resolved recipe."""
+    """One run of a resolved recipe.
 
-    def __init__(self, recipe: dict, registry, *, resume: bool = False, force: bool = False):
+    Everything that can fail on bad input — the model and its checkpoint, the evaluators, the data, every stage's
+    length, the first stage's objective, views and optimiser, the evaluators' checks against the data, the resume
+    checkpoint — is built before the run folder is touched, so a failure leaves nothing behind.
+    """
+
+    def __init__(self, recipe: dict, registry, *, resume: bool = False, force: bool = False,
+                 allow_optimizer_change: bool = False):
         self.recipe = recipe
         self.registry = registry
         self.accelerator = make_accelerator(recipe)
@@ -86,24 +52,33 @@ class Run:
         seed = recipe["run"]["seed"]
         _seed_everything(seed)
         self.backbone, self.load_report = build_model(recipe, registry)
-        build_evaluators(registry, recipe["eval"], self.backbone.depth)     # bad blocks fail before training
-        # The run folder only once the model and evaluators are known to build: bad input leaves nothing behind.
-        self.run_dir = prepare_run_dir(recipe, resume, force, acc.is_main_process)
-        acc.wait_for_everyone()
+        self.evaluators = build_evaluators(registry, recipe["eval"], self.backbone.depth)
+        self.datasets = load_datasets(recipe, registry, acc)
+        preflight_evaluators(recipe["eval"], self.evaluators, self.datasets)
+        self.data_info: DataInfo = data_info(recipe, self.datasets["train"], self.backbone)
+        for index, stage in enumerate(recipe["stages"]):
+            stage_length(stage, len(self.datasets["train"]), f"stages[{index}]")
+        self.run_dir = run_dir_of(recipe)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.log_path = self.run_dir / "log.jsonl"
-        self.datasets = load_datasets(recipe, registry, acc)
-        self.data_info: DataInfo = data_info(recipe, self.datasets["train"], self.backbone)
         self.progress = Progress()
         self.ema = None
         self.resume_state = None
         last = self.ckpt_dir / "last.pt"
-        if resume and last.exists():
-            self.resume_state = torch.load(last, map_location="cpu", weights_only=False)
-            self.progress = Progress(**self.resume_state["progress"])
+        if resume and last.exists() and not force:
+            self.resume_state = load_resume_state(last)
+            self.progress = Progress(**self.resume_state["meta"]["progress"])
             self.backbone.vit.load_state_dict(self.resume_state["backbone"])
-            if acc.is_main_process:
-                truncate_log(self.log_path, self.progress.global_step)
+        self.last_saved_step = self.progress.global_step if self.resume_state is not None else None
+        # The first stage to train is built now (objective, views, optimiser), before any file is written.
+        self.first_trainer = None
+        if self.progress.stage < len(recipe["stages"]):
+            self.first_trainer = self._build_trainer(self.progress.stage, None)
+        if acc.is_main_process:
+            open_run_folder(recipe, resume=resume, force=force, allow_optimizer_change=allow_optimizer_change)
+            # Log lines past the checkpoint are written again by the resumed run (all of them without one).
+            truncate_log(self.log_path, self.progress.global_step if self.resume_state is not None else 0)
+        acc.wait_for_everyone()
         if recipe["run"]["trackers"]:
             flat = {"recipe_hash": recipe_hash(recipe), "objective": self.objective_chain()}
             acc.init_trackers(recipe["run"]["name"], config=flat)
@@ -124,16 +99,19 @@ class Run:
 
     def _save(self, trainer: StageTrainer, progress: Progress, reason: str) -> None:
         acc = self.accelerator
+        trainer.check_state_finite(progress)
         acc.wait_for_everyone()
         if acc.is_main_process:
             objective = acc.unwrap_model(trainer.model)
-            state = {"format": "sslbench", "reason": reason, "recipe_hash": recipe_hash(self.recipe),
-                     "progress": progress.as_dict(), "objective_name": objective.name,
-                     "objective": objective.state_dict(), "backbone": objective.backbone.vit.state_dict(),
-                     "trainer": trainer.state_dict() if reason == "periodic" else None,
-                     "ema": trainer.ema.module.state_dict() if trainer.ema is not None else None,
-                     "rng": _rng_state()}
-            atomic_torch_save(state, self.ckpt_dir / "last.pt")
+            plain_rng, tensor_rng = rng_state()
+            meta = {"reason": reason, "recipe_hash": recipe_hash(self.recipe), "progress": progress.as_dict(),
+                    "objective_name": objective.name, "rng": plain_rng}
+            save_resume_state(self.ckpt_dir / "last.pt", meta, {
+                "objective": objective.state_dict(), "backbone": objective.backbone.vit.state_dict(),
+                "trainer": trainer.state_dict() if reason == "periodic" else None,
+                "ema": trainer.ema.module.state_dict() if trainer.ema is not None else None,
+                "rng": tensor_rng})
+        self.last_saved_step = progress.global_step
         acc.wait_for_everyone()
 
     def _build_objective(self, index: int, previous):
@@ -150,35 +128,49 @@ class Run:
         factory = self.registry.get("objective", stage["objective"]).factory
         return factory(self.backbone, stage["options"], context).to(self.accelerator.device)
 
+    def _build_trainer(self, index: int, previous) -> StageTrainer:
+        objective = self._build_objective(index, previous)
+        return StageTrainer(self.accelerator, objective, self.recipe["stages"][index], index, self.recipe,
+                            self.datasets["train"], self.data_info, self._loader, self._log)
+
     def train(self, evaluate_stage=None) -> None:
-        acc = self.accelerator
         run = self.recipe["run"]
         objective = None
         if self.progress.finished and self.resume_state is not None:
             self._restore_final_ema(self.resume_state)
         for index in range(self.progress.stage, len(self.recipe["stages"])):
             stage = self.recipe["stages"][index]
-            objective = self._build_objective(index, objective)
+            trainer, self.first_trainer = self.first_trainer or self._build_trainer(index, objective), None
+            objective = trainer.objective
             state = self.resume_state
-            if state is not None and state["objective_name"] == objective.name:
+            if state is not None and state["meta"]["objective_name"] == objective.name:
                 objective.load_state_dict(state["objective"])
-            trainer = StageTrainer(acc, objective, stage, index, self.recipe, self.datasets["train"],
-                                   self.data_info, self._loader, self._log)
             if state is not None and state.get("trainer") is not None and self.progress.stage == index:
                 trainer.load_state_dict(state["trainer"])
-                _set_rng_state(state["rng"])
+                set_rng_state(state["meta"]["rng"], state["rng"])
             self.resume_state = None
             self.progress.stage = index
-            trainer.run(self.progress, lambda p, reason: self._save(trainer, p, reason),
-                        run["checkpoint_every"], run["log_every"])
-            objective = acc.unwrap_model(trainer.model)
-            self.ema = trainer.ema
-            self.progress = Progress(stage=index + 1, step=0, global_step=self.progress.global_step,
-                                     finished=index + 1 == len(self.recipe["stages"]))
-            self._save(trainer, self.progress, "stage_end")
+            try:
+                trainer.run(self.progress, lambda p, reason: self._save(trainer, p, reason),
+                            run["checkpoint_every"], run["log_every"])
+                objective = self.accelerator.unwrap_model(trainer.model)
+                self.ema = trainer.ema
+                self.progress = Progress(stage=index + 1, step=0, global_step=self.progress.global_step,
+                                         finished=index + 1 == len(self.recipe["stages"]))
+                self._save(trainer, self.progress, "stage_end")
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(f"{exc}; {self._resume_advice()}") from None
             if evaluate_stage is not None and run["evaluate"] == "each_stage" and index + 1 < len(self.recipe["stages"]):
                 evaluate_stage(stage["name"])
         self.export_backbone()
+
+    def _resume_advice(self) -> str:
+        if self.last_saved_step is None:
+            return ("no checkpoint was saved before it (set run.checkpoint_every to keep one); change the settings "
+                    "and start over with --force")
+        return (f"the last finite checkpoint is {self.ckpt_dir / 'last.pt'} (global step {self.last_saved_step}); "
+                "lower stages[i].optimizer.lr (or change other optimizer / schedule / clip_grad settings) and "
+                "continue with `sslbench run RECIPE --resume --allow-optimizer-change`")
 
     def _restore_final_ema(self, state: dict) -> None:
         """A resumed run that had finished training still evaluates the EMA it kept."""
@@ -222,24 +214,40 @@ def environment_banner() -> str:
     return f"sslbench {__version__}, torch {torch.__version__}, pid {os.getpid()}"
 
 
-def run_recipe(path: str, *, resume: bool = False, force: bool = False, seed: int | None = None) -> Path:
+def run_recipe(path: str, *, resume: bool = False, force: bool = False, seed: int | None = None,
+               allow_optimizer_change: bool = False) -> Path:
     """Train and evaluate a recipe file; returns the run folder."""
     from .plugins import get_registry
-    from .recipe import load_recipe
+    from .recipe import check_run_name, load_recipe
     from .report import report_run
 
     registry = get_registry()
     recipe = load_recipe(path, registry)
     if seed is not None:
         recipe["run"]["seed"] = seed
-        recipe["run"]["name"] = f"{recipe['run']['name']}-seed{seed}"
+        recipe["run"]["name"] = check_run_name(f"{recipe['run']['name']}-seed{seed}", "--seed")
+    existed = run_dir_of(recipe).exists()
     try:
-        run = Run(recipe, registry, resume=resume, force=force)
+        run = Run(recipe, registry, resume=resume, force=force, allow_optimizer_change=allow_optimizer_change)
     except RecipeError as exc:  # raised while building (e.g. backbone.checkpoint_trusted): name the recipe file
         raise (exc if exc.source else exc.with_source(str(path))) from None
     try:
         run.train(evaluate_stage=lambda stage_name: report_run(run, stage_name))
         report_run(run, recipe["stages"][-1]["name"])
+    except BaseException:
+        if not existed and run.accelerator.is_main_process:
+            _remove_if_unstarted(run.run_dir, recipe)
+        raise
     finally:
         run.finish()
     return run.run_dir
+
+
+def _remove_if_unstarted(run_dir: Path, recipe: dict) -> None:
+    """A folder this invocation created and that holds no step yet (no log line, no checkpoint) goes again."""
+    from .run_folder import remove_run_folder
+
+    log = run_dir / "log.jsonl"
+    if (log.exists() and log.stat().st_size) or (run_dir / "checkpoints" / "last.pt").exists():
+        return
+    remove_run_folder(run_dir, Path(recipe["run"]["output_dir"]))

@@ -20,8 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import TrainingDiverged
-from .objective import StageContext
+from .errors import RecipeError, TrainingDiverged
 from .progress import progress_bar
 from .optim import StageSchedule, build_optimizer, frozen_names, param_groups
 from .rng import KeyedRandom
@@ -40,13 +39,11 @@ class Progress:
         return dict(stage=self.stage, step=self.step, global_step=self.global_step, finished=self.finished)
 
 
-def stage_length(stage: dict, num_samples: int) -> tuple[int, int]:
-    """(steps per epoch, total optimiser steps) of a stage; drop_last batching."""
+def stage_length(stage: dict, num_samples: int, key: str = "stages[?]") -> tuple[int, int]:
+    """(steps per epoch, total optimiser steps) of a stage; drop_last batching. ``key`` names the stage in errors."""
     steps_per_epoch = num_samples // stage["batch_size"]
     if steps_per_epoch == 0:
-        from .errors import RecipeError
-
-        raise RecipeError(f"stages.{stage['name']}.batch_size",
+        raise RecipeError(f"{key}.batch_size",
                           f"{stage['batch_size']} is larger than the {num_samples} training images")
     total = stage["steps"] if stage["steps"] is not None else max(1, round(stage["epochs"] * steps_per_epoch))
     return steps_per_epoch, total
@@ -88,7 +85,7 @@ class StageTrainer:
         self.data_info = data_info
         self.loader_factory = loader_factory
         self.log = log
-        self.steps_per_epoch, self.total_steps = stage_length(stage, len(dataset))
+        self.steps_per_epoch, self.total_steps = stage_length(stage, len(dataset), f"stages[{stage_index}]")
         backbone = objective.backbone
         self.frozen = frozen_names(objective, stage["freeze"], backbone.depth, f"stages[{stage_index}].freeze")
         groups = param_groups(objective, backbone, stage, self.frozen)
@@ -104,7 +101,12 @@ class StageTrainer:
                 "ema": self.ema.module.state_dict() if self.ema else None}
 
     def load_state_dict(self, state: dict) -> None:
+        # torch restores each group's settings from the file; the recipe's win (the schedule sets lr every step),
+        # so a resume with --allow-optimizer-change really uses the changed weight decay, betas or eps.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, fresh in zip(self.optimizer.param_groups, settings):
+            group.update(fresh)
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
 
@@ -145,16 +147,18 @@ class StageTrainer:
                 with context, acc.autocast():
                     out = self.model(views, batch)
                     loss = out["loss"] / len(micro)
-                self._check_finite(loss, progress)
                 acc.backward(loss)
                 loss_sum += loss.detach()
                 for k, v in out.get("logs", {}).items():
                     logs_sum[k] = logs_sum.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / len(micro)
                 window_images += images.shape[0] * acc.num_processes
+            grads_finite = all_finite([p.grad for p in self.trainable])
             if self.stage["clip_grad"] > 0:
                 acc.clip_grad_norm_(self.trainable, self.stage["clip_grad"])
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            # Checked after the step, before anything (EMA, queues, a checkpoint) can keep what it produced.
+            self._check_finite(loss_sum, grads_finite, all_finite(self.trainable), progress, lr)
             unwrapped = acc.unwrap_model(self.model)
             unwrapped.after_step(progress.step)
             if self.ema is not None:
@@ -175,14 +179,45 @@ class StageTrainer:
             if checkpoint_every and progress.global_step % checkpoint_every == 0 and progress.step < self.total_steps:
                 save(progress, "periodic")
 
-    def _check_finite(self, loss: torch.Tensor, progress: Progress) -> None:
-        # Reduced over processes so that every process stops at the same step instead of hanging.
-        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.accelerator.device)
+    def _check_finite(self, loss: torch.Tensor, grads_finite: torch.Tensor, params_finite: torch.Tensor,
+                      progress: Progress, lr: float) -> None:
+        """Stop on a non-finite loss, gradient or weight (one flag reduction per step, so that every process stops
+        at the same step instead of hanging). The step's weights are never saved: the caller raises past them."""
+        flags = torch.stack([~torch.isfinite(loss.detach()).all(), ~grads_finite, ~params_finite]).float()
+        flags = self.accelerator.reduce(flags.to(self.accelerator.device), "sum")
+        if float(flags.sum()) == 0:
+            return
+        bad_loss, bad_grads, _ = (bool(f > 0) for f in flags)
+        what = ("the loss became non-finite" if bad_loss else
+                "the gradients became non-finite" if bad_grads else
+                "the weights became non-finite after the optimiser step")
+        raise TrainingDiverged(
+            f"{what} at stage {self.stage['name']!r} step {progress.step + 1} (global step "
+            f"{progress.global_step + 1}; loss {float(loss.detach()):.6g}, lr {lr:.3g}); nothing from this step "
+            "was saved")
+
+
+    def check_state_finite(self, progress: Progress) -> None:
+        """Before a checkpoint: the optimiser's state must be finite too. Adam's second moment overflows to inf when
+        a squared gradient exceeds the float range while the weights stay finite (its update is then 0), and a run
+        resumed from such a state would never update those weights again."""
+        tensors = [t for state in self.optimizer.state.values() for t in state.values()
+                   if torch.is_tensor(t) and t.is_floating_point()]
+        flag = (~all_finite(tensors)).float().reshape(1).to(self.accelerator.device)
         if float(self.accelerator.reduce(flag, "sum")) > 0:
             raise TrainingDiverged(
-                f"loss became {float(loss.detach())} at stage {self.stage['name']!r} step {progress.step + 1} "
-                f"(global step {progress.global_step + 1}); the last good checkpoint is kept: resume with a lower "
-                "learning rate or fix the data")
+                f"the optimiser state became non-finite by stage {self.stage['name']!r} step {progress.step} "
+                f"(global step {progress.global_step}; a squared gradient overflowed); it was not saved")
+
+
+def all_finite(tensors) -> torch.Tensor:
+    """A boolean tensor: whether every element of every tensor (``None`` skipped) is finite. No host sync."""
+    tensors = [t.detach() for t in tensors if t is not None]
+    if not tensors:
+        return torch.tensor(True)
+    # The largest magnitude of each tensor: NaN propagates through max, and unlike a 2-norm it cannot overflow.
+    peaks = torch._foreach_norm(tensors, float("inf"))
+    return torch.isfinite(torch.stack([p.float() for p in peaks])).all()
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from sslbench.cli import main
+from sslbench.resume import load_resume_state
 
 from .conftest import dump_recipe, sslbench_cmd
 
@@ -94,8 +95,8 @@ def test_ema_is_kept_exported_and_evaluated_and_frozen_parts_stay(tmp_path, tiny
     # The backbone was frozen through the last stage, so its EMA (started from it) never moved either.
     for name, value in exported["backbone"].items():
         torch.testing.assert_close(exported["ema"][name], value, msg=name)
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
-    assert state["progress"]["finished"] and state["progress"]["global_step"] == 7
+    state = load_resume_state(run_dir / "checkpoints" / "last.pt")
+    assert state["meta"]["progress"]["finished"] and state["meta"]["progress"]["global_step"] == 7
     rows = pd.read_csv(run_dir / "metrics.csv")
     assert len(rows) == 4  # top1 and top5, for the backbone and for its EMA
     assert rows["value"].between(0, 100).all()

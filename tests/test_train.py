@@ -17,6 +17,7 @@ import sslbench
 import sslbench.plugins
 from sslbench.cli import main
 from sslbench.plugins import build_registry
+from sslbench.resume import load_resume_state
 
 from .conftest import dump_recipe, sslbench_cmd
 
@@ -56,8 +57,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_recipe):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
-    assert 3 <= state["progress"]["global_step"] < 24 and state["progress"]["global_step"] % 3 == 0
+    step = load_resume_state(run_dir / "checkpoints" / "last.pt")["meta"]["progress"]["global_step"]
+    assert 3 <= step < 24 and step % 3 == 0
     assert not (run_dir / "metrics.csv").exists()
 
     refused = subprocess.run(sslbench_cmd() + ["run", str(path)], capture_output=True, text=True, env=env)
@@ -113,7 +114,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     recipe["stages"] = [{"objective": "nan_at_3", "steps": 6, "batch_size": 32, "optimizer": {"lr": 1e-3}}]
     assert main(["run", str(write_recipe(recipe)), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "loss became nan at stage 'stage0' step 3" in err
-    state = torch.load(tmp_path / "runs" / "nan" / "checkpoints" / "last.pt", weights_only=False)
-    assert state["progress"]["step"] == 2
+    assert "the loss became non-finite at stage 'stage0' step 3" in err
+    assert "checkpoints/last.pt (global step 2)" in err and "--allow-optimizer-change" in err
+    state = load_resume_state(tmp_path / "runs" / "nan" / "checkpoints" / "last.pt")
+    assert state["meta"]["progress"]["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["backbone"].values())

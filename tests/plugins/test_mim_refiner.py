@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from sslbench.rng import KeyedRandom
 from sslbench_plugins.mim_refiner import (MIMRefiner, keyed_lookup, patch_tokens_any_size, proportional_blocks,
                                           view_pairs)
 from sslbench.modules import NNQueue
+from sslbench.resume import load_resume_state
 
 SMALL = {"proj_hidden": 32, "proj_out": 8, "pred_hidden": 16, "queue_size": 12, "local_views": 2}
 INFO = DataInfo(image_size=16, channels=1, mean=(0.5,), std=(0.5,), num_samples=64)
@@ -233,6 +235,8 @@ def _one_step(objective, model, rank: int, world: int) -> dict:
 
 def _worker(rank: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # The synchronised BatchNorm once read its row count from a tensor that requires grad, warning every step.
+    warnings.filterwarnings("error", message="Converting a tensor with requires_grad")
     try:
         torch.set_num_threads(1)
         objective = make(local_views=2, queue_size=16)
@@ -279,8 +283,8 @@ def test_two_stage_recipe_runs_carries_the_queue_and_evaluates_the_ema(tmp_path,
     recipe["eval"] = [{"name": "knn", "k": [5], "use_ema": True}]
     assert main(["run", str(write_recipe(recipe)), "--no-progress"]) == 0
     run_dir = tmp_path / "runs" / "refine"
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
-    assert state["objective_name"] == "mim_refiner" and state["progress"]["finished"]
+    state = load_resume_state(run_dir / "checkpoints" / "last.pt")
+    assert state["meta"]["objective_name"] == "mim_refiner" and state["meta"]["progress"]["finished"]
     for head in ("out", "block1"):                              # both stages' view-0 vectors, queue carried over
         assert int(state["objective"][f"heads.{head}.queue.filled"]) == 4 * 16
     assert state["ema"] is not None
