@@ -179,7 +179,15 @@ def decoded_batches(dataset: Any, index_batches: Iterable[Tensor], device: torch
     loader = torch.utils.data.DataLoader(_Rows(dataset), batch_sampler=_IndexLists(index_batches),
                                          num_workers=workers, collate_fn=_whole,
                                          prefetch_factor=4 if workers else None)
-    for batch in loader:
-        if device is not None:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        yield batch
+    try:
+        for batch in loader:
+            if device is not None:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            yield batch
+    except UserError as exc:
+        # A worker's error comes back wrapped with the worker's traceback as text; keep the user's one line.
+        text = str(exc).strip()
+        if "Original Traceback" not in text:
+            raise
+        last = text.splitlines()[-1]
+        raise UserError(last.split(": ", 1)[1] if last.startswith("sslbench.") and ": " in last else last) from None

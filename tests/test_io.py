@@ -18,6 +18,7 @@ from sslbench.io import (
     atomic_write_csv,
     atomic_write_text,
     file_lock,
+    remove_stale_temp_files,
 )
 
 
@@ -170,3 +171,21 @@ def test_file_lock_says_when_it_waits_and_then_gets_the_lock(tmp_path: Path) -> 
         assert ready.read_text() == "releasing"         # acquired only after the holder let go
     holder.join()
     assert holder.exitcode == 0 and len(waits) == 1     # told once, before blocking
+
+
+def test_stale_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    """A writer killed mid-save leaves ``.tmp-<name>-<random>-<pid>``; a later run removes it, but never the
+    temporary file of a process that is still writing."""
+    dead = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join()
+    stale = tmp_path / f".tmp-last.pt-abc123-{dead.pid}"
+    stale.write_bytes(b"")
+    stale_dir = tmp_path / f".tmp-run-{dead.pid}"
+    stale_dir.mkdir()
+    live = tmp_path / f".tmp-metrics.csv-xyz-{os.getppid()}"
+    live.write_bytes(b"partial")
+    keep = tmp_path / "last.pt"
+    keep.write_bytes(b"checkpoint")
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted([stale, stale_dir])
+    assert _names(tmp_path) == sorted([live.name, keep.name])

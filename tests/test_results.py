@@ -19,6 +19,7 @@ from sslbench.results import (
     hardware_description,
     leaderboard_markdown,
     read_metrics,
+    refresh_leaderboard,
     versions,
     write_leaderboard,
     write_metrics,
@@ -208,3 +209,32 @@ def test_markdown_escapes_pipes_and_shortens_protocol_hash() -> None:
     board = pd.DataFrame({"objective": ["a|b"], "protocol_hash": ["0123456789abcdef0123"], "x/top1": [0.81234]})
     md = leaderboard_markdown(board)
     assert "a\\|b" in md and "0123456789ab " in md and "0123456789abc" not in md and "0.8123" in md
+
+
+def test_refresh_leaderboard_collects_the_runs_under_the_lock(tmp_path: Path, monkeypatch) -> None:
+    """Collecting outside the lock let an older writer replace a newer board; the rows are read while the lock is
+    held, so no other writer can be between its read and its write."""
+    import fcntl
+    import os
+
+    import sslbench.results as results
+
+    _synthetic_runs(tmp_path / "runs")
+    out = tmp_path / "leaderboard.csv"
+    held = []
+
+    def collecting(root):
+        fd = os.open(out.with_name(out.name + ".lock"), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        return collect_runs(root)
+
+    monkeypatch.setattr(results, "collect_runs", collecting)
+    refresh_leaderboard(tmp_path / "runs", out)
+    assert held == [True]
+    assert len(pd.read_csv(out)) == len(build_leaderboard(collect_runs(tmp_path / "runs")))

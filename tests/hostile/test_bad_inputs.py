@@ -144,3 +144,41 @@ def test_errors_reach_the_shell_as_exit_2_without_traceback(tiny_recipe, tmp_pat
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path.parent / "outside").exists()
     assert files_under(tmp_path / "runs") == []
+
+
+def test_truncated_resume_checkpoint_is_one_line_and_touches_nothing(tiny_recipe, tmp_path, write_recipe, refused):
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["run"]["checkpoint_every"] = 2
+    path = write_recipe(recipe)
+    from sslbench.cli import main
+
+    assert main(["run", str(path), "--no-progress"]) == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    last = run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    refused(["run", path, "--resume", "--no-progress"], str(last), "not a readable sslbench resume checkpoint",
+            "--force")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_met_during_training_is_one_line(workers, tmp_path):
+    """Lazy storage decodes per batch (in DataLoader workers when there are any), so a file damaged after the
+    dataset was opened is met only while training; its error is still the one line naming the file, not a worker's
+    traceback."""
+    import torch
+
+    from sslbench.data_sources import load_imagefolder
+    from sslbench.errors import UserError
+    from sslbench.lazy_images import decoded_batches
+
+    root = _image_folder(tmp_path / "lazy")
+    dataset = load_imagefolder(path=str(root), storage="lazy", hf_cache_dir=str(tmp_path / "hf"))
+    (root / "b" / "3.png").write_bytes(b"overwritten by a failing disk")
+    with pytest.raises(UserError) as caught:
+        for _ in decoded_batches(dataset, [torch.arange(i, i + 4) for i in range(0, 12, 4)], workers=workers):
+            pass
+    message = str(caught.value)
+    assert "3.png" in message and "cannot be decoded" in message
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message
