@@ -6,12 +6,12 @@ feature cache's hit speed-up.
 For each evaluator both sides compute the same numbers from the same inputs and the table shows both metric
 values (they must agree), both times and the speed-up:
 
-* k-NN (k = 10 and 20, τ = 0.07): ``sslbench.evaluators.knn`` vs ``KNeighborsClassifier(algorithm="brute",
+* k-NN (k = 10 and 20, τ = 0.07): ``sslbench.evaluation.knn`` vs ``KNeighborsClassifier(algorithm="brute",
   metric="cosine", weights=lambda d: exp((1 - d) / τ))`` (cosine distance d = 1 − similarity), one fit and one
   ``predict_proba`` per k, top-1 and top-5 read off the weighted votes.
 * low-shot (1, 2, 5 shots and 1 %, 3 splits): ``low_shot`` vs ``LogisticRegression(C=1/lam, fit_intercept=False)``
   on exactly the same subsets (``low_shot_subsets``) and preprocessing, one fit per split; both solvers stop at
-  gradient tolerance 1e-8 on the same objective (see ``sslbench/evaluators/low_shot.py``).
+  gradient tolerance 1e-8 on the same objective (see ``sslbench/evaluation/low_shot.py``).
 * clustering (k = 10, 10 k-means++ restarts): ``clustering`` vs ``KMeans(n_init=10)`` on the same L2-normalised
   features, scored by the same metric code.
 
@@ -38,9 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sslbench.evaluators import clustering, knn, low_shot
-from sslbench.evaluators.clustering import hungarian_accuracy
-from sslbench.evaluators.low_shot import low_shot_subsets, sklearn_C
+from sslbench.evaluation import clustering, knn, low_shot
+from sslbench.evaluation.clustering import hungarian_accuracy
+from sslbench.evaluation.low_shot import low_shot_subsets, sklearn_C
 
 
 def clustered_features(n_train: int, n_test: int, dim: int, classes: int, separation: float, seed: int):
@@ -152,10 +152,10 @@ def cache_benchmark(images: int, batch_size: int, seed: int, all_blocks: bool = 
     """First extraction vs cache hit for the same checkpoint, data, transform and layers (see the docstring)."""
     import tempfile
 
-    from sslbench.backbone import build_backbone
-    from sslbench.data import ImageDataset
-    from sslbench.features import FeatureRequest, extract_features
-    from sslbench.views import EvalTransform
+    from sslbench.core.backbone import build_backbone
+    from sslbench.data.dataset import ImageDataset
+    from sslbench.evaluation.features import FeatureRequest, extract_features
+    from sslbench.data.views import EvalTransform
 
     torch.manual_seed(seed)
     backbone = build_backbone("vit_tiny_patch16_224", img_size=28, patch_size=patch, in_chans=1, pos_embed="sincos")

@@ -22,13 +22,13 @@ import time
 
 import torch
 
-from sslbench.data import InMemoryLoader
-from sslbench.objective import StageContext
-from sslbench.optim import frozen_names, param_groups
-from sslbench.plugins import get_registry
-from sslbench.recipe import resolve
-from sslbench.setup import build_model, data_info, load_datasets, make_accelerator
-from sslbench.train import Progress, StageTrainer, step_rng
+from sslbench.data.dataset import InMemoryLoader
+from sslbench.core.objective import StageContext
+from sslbench.training.optim import frozen_names, param_groups
+from sslbench.core.registry import get_registry
+from sslbench.training.recipe import resolve
+from sslbench.training.assembly import build_model, data_info, load_datasets, make_accelerator
+from sslbench.training.trainer import Progress, StageTrainer, step_rng
 
 
 def arguments(description: str, batch_size: int) -> argparse.Namespace:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sslbench
-from sslbench.checkpoints import BUILTIN_FORMATS
+from sslbench.core.checkpoints import BUILTIN_FORMATS
 
 
 @sslbench.hookimpl

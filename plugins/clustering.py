@@ -1,6 +1,6 @@
 """Clustering of frozen features (MIM-Refiner's protocol): k-means with k = number of classes, scored by the labels.
 
-The math is :func:`sslbench.evaluators.clustering`: k-means (``n_init`` k-means++ restarts, the lowest inertia
+The math is :func:`sslbench.evaluation.clustering`: k-means (``n_init`` k-means++ restarts, the lowest inertia
 wins) on L2-normalised features; ACC through the Hungarian matching of clusters to classes (scipy), NMI, AMI and
 ARI from scikit-learn (percent); with ``silhouette = true`` also the silhouette and Davies-Bouldin scores on a
 seeded subsample. k-means uses no labels and nothing is tuned, so ``selection_split`` is ``"none"``.
@@ -15,10 +15,10 @@ Rows: ``acc``, ``nmi``, ``ami``, ``ari`` (and ``silhouette``, ``davies_bouldin``
 from __future__ import annotations
 
 import sslbench
-from sslbench.errors import UserError
-from sslbench.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
-from sslbench.evaluators import clustering
-from sslbench.options import Option
+from sslbench.core.errors import UserError
+from sslbench.core.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
+from sslbench.evaluation import clustering
+from sslbench.core.options import Option
 
 
 class Clustering(Evaluator):

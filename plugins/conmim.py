@@ -7,7 +7,7 @@ photometric augmentation (jitter p 0.8, grey 0.2, blur 0.1, solarise 0.2) and no
 token with a bias-free 3-layer MLP ending in BN without affine (CLS included in the BN statistics, dropped after).
 Loss: for every masked position of an image, the student's patch feature must pick out the teacher's feature at
 the same position among all patches of the *same* image (τ 0.1; no cross-image negatives,
-:func:`sslbench.losses.patch_contrast_loss`).
+:func:`sslbench.core.losses.patch_contrast_loss`).
 
 The teacher is an EMA copy of student backbone + projector — parameters only, BN statistics its own — kept in train
 mode, with momentum following a cosine schedule from ``momentum`` (0.996) to 1 over the stage's steps.
@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 import sslbench
-from sslbench.losses import patch_contrast_loss
-from sslbench.masks import ReplaceMask, blockwise_mask
-from sslbench.modules import EMA, conmim_projector, convert_sync_batchnorm, cosine_momentum
-from sslbench.objective import DataInfo, Objective
-from sslbench.options import Option
-from sslbench.views import conmim_views
-from sslbench_plugins.mim_refiner import ignore_in_ddp
+from sslbench.core.losses import patch_contrast_loss
+from sslbench.core.masks import ReplaceMask, blockwise_mask
+from sslbench.core.modules import EMA, conmim_projector, convert_sync_batchnorm, cosine_momentum
+from sslbench.core.objective import DataInfo, Objective
+from sslbench.core.options import Option
+from sslbench.data.views import conmim_views
+from sslbench.core.distributed import ignore_in_ddp
 
 
 class ConMIM(Objective):

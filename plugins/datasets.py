@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sslbench
-from sslbench.data import BUILTIN_SOURCES
+from sslbench.data.sources import BUILTIN_SOURCES
 
 
 @sslbench.hookimpl

@@ -1,7 +1,7 @@
 """k-NN evaluation (DINO style): cosine similarity, the k nearest training samples vote with weight exp(sim/τ).
 
 MIM-Refiner first standardises every feature dimension with the training set's statistics (``standardize``).
-The math is :func:`sslbench.evaluators.knn`; this plugin maps recipe options to it and names the rows.
+The math is :func:`sslbench.evaluation.knn`; this plugin maps recipe options to it and names the rows.
 
     [[eval]]
     name = "knn"
@@ -12,10 +12,10 @@ The math is :func:`sslbench.evaluators.knn`; this plugin maps recipe options to 
 from __future__ import annotations
 
 import sslbench
-from sslbench.errors import UserError
-from sslbench.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
-from sslbench.evaluators import knn
-from sslbench.options import Option
+from sslbench.core.errors import UserError
+from sslbench.core.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
+from sslbench.evaluation import knn
+from sslbench.core.options import Option
 
 
 class KNN(Evaluator):

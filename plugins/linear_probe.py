@@ -1,6 +1,6 @@
 """Linear probe (DINOv2 style): a sweep of linear heads on frozen features, the best chosen on held-out train rows.
 
-The math is :func:`sslbench.evaluators.linear_probe` (all heads of a feature variant trained together, SGD with
+The math is :func:`sslbench.evaluation.linear_probe` (all heads of a feature variant trained together, SGD with
 momentum, cosine schedule, optional BatchNorm without affine); this plugin builds the feature variants from the
 cached block outputs and names the rows.
 
@@ -30,11 +30,11 @@ import itertools
 import torch
 
 import sslbench
-from sslbench.evaluator import Evaluator, MetricValue
-from sslbench.evaluators import linear_probe
-from sslbench.evaluators.linear_probe import DINOV2_LRS
-from sslbench.features import FeatureRequest
-from sslbench.options import Option
+from sslbench.core.evaluator import Evaluator, MetricValue
+from sslbench.evaluation import linear_probe
+from sslbench.evaluation.linear_probe import DINOV2_LRS
+from sslbench.core.evaluator import FeatureRequest
+from sslbench.core.options import Option
 
 
 def variant_name(n_blocks: int, avgpool: bool) -> str:
@@ -67,7 +67,7 @@ class LinearProbe(Evaluator):
         return list(dict.fromkeys(itertools.product(self.opts["n_last_blocks"], self.opts["avgpool"])))
 
     def check_data(self, train, test):
-        from sslbench.errors import UserError
+        from sslbench.core.errors import UserError
 
         # The same rule as stratified_holdout: round(f·n_c) rows of each class with ≥ 2 images, at least 1.
         held_out = sum(min(max(1, round(c * self.opts["val_fraction"])), c - 1) for c in train.class_counts if c >= 2)
@@ -84,7 +84,7 @@ class LinearProbe(Evaluator):
                 parts.append(FeatureRequest(depth - 1, "mean", norm))
             self.layout[variant_name(n_blocks, avgpool)] = parts
         if not self.layout:
-            from sslbench.errors import UserError
+            from sslbench.core.errors import UserError
 
             raise UserError("linear_probe: n_last_blocks and avgpool must each list at least one value")
         return sorted({r for parts in self.layout.values() for r in parts}, key=str)

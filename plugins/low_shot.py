@@ -1,6 +1,6 @@
 """Low-shot classification (MSN protocol, as in MIM-Refiner): a few labelled images per class, several splits.
 
-The math is :func:`sslbench.evaluators.low_shot`: multinomial logistic regression without intercept on frozen
+The math is :func:`sslbench.evaluation.low_shot`: multinomial logistic regression without intercept on frozen
 features that are centred and L2-normalised, L2 penalty λ = ``lam``/n, solved exactly with L-BFGS; the same seeded,
 nested splits for every model. Nothing is tuned, so ``selection_split`` is ``"none"``.
 
@@ -17,9 +17,9 @@ Rows per setting (``1shot``, ``2shot``, ``5shot``, ``1pct``): ``top1`` (mean ove
 from __future__ import annotations
 
 import sslbench
-from sslbench.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
-from sslbench.evaluators import low_shot
-from sslbench.options import Option
+from sslbench.core.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
+from sslbench.evaluation import low_shot
+from sslbench.core.options import Option
 
 
 class LowShot(Evaluator):

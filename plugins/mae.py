@@ -20,12 +20,12 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 import sslbench
-from sslbench.backbone import sincos_2d_position_embedding
-from sslbench.losses import mae_loss, patchify
-from sslbench.masks import DropMask
-from sslbench.objective import DataInfo, Objective
-from sslbench.options import Option
-from sslbench.views import Compose, HorizontalFlip, IndependentCrops, Normalize, RandomResizedCrop
+from sslbench.core.backbone import sincos_2d_position_embedding
+from sslbench.core.losses import mae_loss, patchify
+from sslbench.core.masks import DropMask
+from sslbench.core.objective import DataInfo, Objective
+from sslbench.core.options import Option
+from sslbench.data.views import Compose, HorizontalFlip, IndependentCrops, Normalize, RandomResizedCrop
 
 
 class MAE(Objective):

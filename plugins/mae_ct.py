@@ -2,24 +2,24 @@
 Implementation facts: ``docs/METHODS.md`` (MAE-CT).
 
 **Head.** Projector Linear(D→2048, no bias)–BN–ReLU–Linear–BN–ReLU–Linear(→256)–BN and predictor
-Linear(256→4096)–BN–ReLU–Linear(→256) (:func:`sslbench.modules.maect_projector` / ``maect_predictor``), on the CLS
+Linear(256→4096)–BN–ReLU–Linear(→256) (:func:`sslbench.core.modules.maect_projector` / ``maect_predictor``), on the CLS
 token after the final norm (``pooling = "cls"``, ViT-L/H) or the mean of the final-normed patch tokens
 (``pooling = "mean_patch"``, ViT-B). Each view passes the head separately (per-view BatchNorm statistics, taken over
 the global batch of all processes).
 
-**Views.** Two independent random-resized crops (0.08, 1) + flip, nothing else (:func:`sslbench.views.maect_views`).
+**Views.** Two independent random-resized crops (0.08, 1) + flip, nothing else (:func:`sslbench.data.views.maect_views`).
 
 **Target projector and queue.** An EMA copy of the projector (``target_momentum``: 0.99 for B/L, 0.995 for H; kept
 in train mode like the online one) projects both views for the nearest-neighbour lookup and for the queue. With
 ``target_momentum = 0`` the online projector's (detached) output is used instead — the official head-preparation
 head — and the copy simply follows the projector, so a following stage starts its EMA from the prepared projector.
 The copy's weights are buffers, not parameters: no optimiser, freeze pattern or DDP ever treats them as trainable.
-The queue (:class:`sslbench.modules.NNQueue`, ``queue_size`` entries) stores L2-normalised target projections of
+The queue (:class:`sslbench.core.modules.NNQueue`, ``queue_size`` entries) stores L2-normalised target projections of
 view 0, gathered over processes, with their dataset ids; same-id entries are excluded from the lookup; the neighbour
 is the top-1 (``topk = 1``, head preparation) or a uniform pick among the top-20 (tuning), drawn from the step's
 per-sample keyed streams so that N processes pick what one process picks.
 
-**Loss.** Symmetric NNCLR (:func:`sslbench.losses.symmetric_nnclr_loss`): ½[CE(nn₁·p₀ᵀ/τ) + CE(nn₀·p₁ᵀ/τ)] with the
+**Loss.** Symmetric NNCLR (:func:`sslbench.core.losses.symmetric_nnclr_loss`): ½[CE(nn₁·p₀ᵀ/τ) + CE(nn₀·p₁ᵀ/τ)] with the
 predictions gathered over processes with gradient; τ 0.15 (B), 0.2 (L), 0.3 (H).
 
 **Stages** (phase 1 is the MAE pre-training, e.g. the ``mae`` objective or an official checkpoint)::
@@ -47,14 +47,14 @@ from __future__ import annotations
 import torch
 
 import sslbench
-from sslbench import distributed
-from sslbench.losses import symmetric_nnclr_loss
-from sslbench.modules import (NNQueue, convert_sync_batchnorm, maect_predictor, maect_projector,
+from sslbench.core import distributed
+from sslbench.core.distributed import ignore_in_ddp
+from sslbench.core.losses import symmetric_nnclr_loss
+from sslbench.core.modules import (NNQueue, convert_sync_batchnorm, maect_predictor, maect_projector,
                               parameters_as_buffers)
-from sslbench.objective import DataInfo, Objective
-from sslbench.options import Option
-from sslbench.views import maect_views
-from sslbench_plugins.mim_refiner import ignore_in_ddp, keyed_lookup
+from sslbench.core.objective import DataInfo, Objective
+from sslbench.core.options import Option
+from sslbench.data.views import maect_views
 
 POOLINGS = ("cls", "mean_patch")
 
@@ -109,7 +109,7 @@ class MAECT(Objective):
                 targets = [z.detach() for z in projected]
         ids = batch["index"]
         uniform = batch["rng"].rand(2) if o["topk"] > 1 and "rng" in batch else None    # (B, 2)
-        nn0, nn1 = (keyed_lookup(self.queue, t, ids, o["topk"], None if uniform is None else uniform[:, v])
+        nn0, nn1 = (self.queue.lookup(t, ids, topk=o["topk"], uniform=None if uniform is None else uniform[:, v])
                     for v, t in enumerate(targets))
         loss = symmetric_nnclr_loss(nn0, nn1, predicted[0], predicted[1], o["temperature"])
         if self.training:

@@ -4,7 +4,7 @@ No teacher, projector, predictor or decoder: each image is cropped once (random-
 keeps ``int(N·(1 − r)) // 2 · 2`` of them (r = ``mask_ratio``, 0.9 by default), and the first half and the second
 half of the kept tokens become two *disjoint* views of the image, each encoded as its own sequence with its own CLS
 token. The loss contrasts the two final-norm CLS outputs against the other images of the local batch with the
-bent similarity ``s(c) = 0.5(1 + c) / (1 + κ(1 − c)) / τ`` (:func:`sslbench.losses.micl_loss`). The paper adds
+bent similarity ``s(c) = 0.5(1 + c) / (1 + κ(1 − c)) / τ`` (:func:`sslbench.core.losses.micl_loss`). The paper adds
 fixed 2-D sin-cos position embeddings to the patch embeddings: build the backbone with ``pos_embed = "sincos"``.
 
     [[stages]]
@@ -21,11 +21,11 @@ Negatives are local to each process, as in the paper (no gather across GPUs).
 from __future__ import annotations
 
 import sslbench
-from sslbench.losses import micl_loss
-from sslbench.masks import split_mask_from_noise, split_size
-from sslbench.objective import DataInfo, Objective
-from sslbench.options import Option
-from sslbench.views import micl_views
+from sslbench.core.losses import micl_loss
+from sslbench.core.masks import split_mask_from_noise, split_size
+from sslbench.core.objective import DataInfo, Objective
+from sslbench.core.options import Option
+from sslbench.data.views import micl_views
 
 
 class MiCL(Objective):

@@ -7,15 +7,15 @@ the *raw* residual stream (no norm) of each block in ``head_blocks`` (0-based, n
 ``head_block_range = [a, b]``; the default ``[16/24, 22/24]`` gives ViT-L/16's blocks 16..22 and blocks 8..11 of a
 12-block ViT. A head is projector Linear(D→2048, no bias)–BN–GELU–Linear–BN–GELU–Linear(→256)–BN and predictor
 Linear(256→4096)–BN–GELU–Linear–BN, Xavier init, with BatchNorm over the global batch of all processes
-(:class:`sslbench.modules.GlobalBatchNorm1d`). All views of a step pass a head as one batch (BN statistics mix
+(:class:`sslbench.core.modules.GlobalBatchNorm1d`). All views of a step pass a head as one batch (BN statistics mix
 the views). The loss is ``Σ_h head_weights[h] · loss_h`` (weights 1 by default; output head first, then blocks).
 
 **Views.** ``global_views`` crops at the training size and ``local_views`` crops of ``local_size`` pixels
 (``0``: 3/7 of the image size rounded to a multiple of the patch size — 96 px for 224/16, 98 for 224/14, 12 for
-28/4), with the paper's augmentations (:func:`sslbench.views.mimrefiner_views`). Local crops pass the same encoder
+28/4), with the paper's augmentations (:func:`sslbench.data.views.mimrefiner_views`). Local crops pass the same encoder
 with the position embedding resized bicubically to their grid.
 
-**Loss.** NNA (:func:`sslbench.losses.nna_loss`, τ = ``temperature``): the teacher vector z of a global view is the
+**Loss.** NNA (:func:`sslbench.core.losses.nna_loss`, τ = ``temperature``): the teacher vector z of a global view is the
 projector output, detached; its neighbour q comes from the head's queue; the predictions of the other view are
 gathered over processes with gradient. A head's loss is the mean of ℓ(i, j) over its view pairs:
 
@@ -25,7 +25,7 @@ gathered over processes with gradient. A head's loss is the mean of ℓ(i, j) ov
   instead of ``G .. G+L−1``: with 2 + 10 views each global view is paired with global0, global1 (itself once more)
   and local0..7, never local8/9. The number of pairs is the same, G(G−1) + G·L.
 
-**Queue.** Per head, ``queue_size`` raw projector outputs with their dataset ids (:class:`sslbench.modules.NNQueue`,
+**Queue.** Per head, ``queue_size`` raw projector outputs with their dataset ids (:class:`sslbench.core.modules.NNQueue`,
 ``normalize=False``); lookup by cosine similarity with same-id entries excluded, top-1 (``topk = 1``, stage 2) or a
 uniform pick among the ``topk`` best (stage 3: 20). The pick is drawn from the step's per-sample keyed streams, so
 N processes pick exactly what one process picks. After the lookup view 0's z, gathered over processes, is enqueued
@@ -61,12 +61,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import sslbench
-from sslbench import distributed
-from sslbench.losses import nna_loss
-from sslbench.modules import NNQueue, convert_sync_batchnorm, mimrefiner_predictor, mimrefiner_projector
-from sslbench.objective import DataInfo, Objective
-from sslbench.options import Option
-from sslbench.views import mimrefiner_views
+from sslbench.core import distributed
+from sslbench.core.distributed import ignore_in_ddp
+from sslbench.core.losses import nna_loss
+from sslbench.core.modules import NNQueue, convert_sync_batchnorm, mimrefiner_predictor, mimrefiner_projector
+from sslbench.core.objective import DataInfo, Objective
+from sslbench.core.options import Option
+from sslbench.data.views import mimrefiner_views
 
 PAIRINGS = ("all", "official")
 
@@ -97,68 +98,6 @@ def proportional_blocks(depth: int, start: float, end: float) -> list[int]:
     hi = min(max(round(end * depth), lo), depth - 1)
     return list(range(lo, hi + 1))
 
-
-def patch_tokens_any_size(backbone, images: torch.Tensor) -> torch.Tensor:
-    """Patch tokens with position embeddings for images of any size that is a multiple of the patch size.
-
-    At the backbone's own size this is ``backbone.patch_tokens``; otherwise the patch projection is applied
-    directly and the patch part of the position embedding is resized bicubically to the new grid (DINO-style
-    multi-crop; a fixed sin-cos table is resized the same way).
-    """
-    h, w = images.shape[-2:]
-    if h == w == backbone.img_size:
-        return backbone.patch_tokens(images)
-    p = backbone.patch_size
-    if h % p or w % p:
-        raise ValueError(f"a {h}x{w} view is not divisible into {p}-px patches")
-    embed = backbone.vit.patch_embed
-    x = embed.norm(embed.proj(images).flatten(2).transpose(1, 2))
-    pos = backbone.vit.pos_embed
-    if pos is None:
-        return x
-    pos = pos if backbone.vit.no_embed_class else pos[:, backbone.num_prefix_tokens:]
-    gh, gw = backbone.grid_size
-    grid = pos.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(h // p, w // p), mode="bicubic", align_corners=False)
-    return x + grid.permute(0, 2, 3, 1).reshape(1, -1, x.shape[-1]).to(x.dtype)
-
-
-def encode(backbone, images: torch.Tensor, blocks=(), final: bool = True):
-    """``backbone.forward`` for views of any size, returning the raw residual stream of ``blocks``."""
-    if images.shape[-1] == images.shape[-2] == backbone.img_size:
-        return backbone(images, blocks=blocks, out="raw", final=final)
-    return backbone.forward_tokens(patch_tokens_any_size(backbone, images), blocks=blocks, out="raw", final=final)
-
-
-@torch.no_grad()
-def keyed_lookup(queue: NNQueue, x: torch.Tensor, ids: torch.Tensor | None, topk: int,
-                 uniform: torch.Tensor | None = None) -> torch.Tensor:
-    """``queue.lookup`` whose top-k pick comes from ``uniform`` (one number in [0, 1) per row of ``x``).
-
-    ``NNQueue.lookup`` draws its pick from one generator for all rows, which depends on how the batch is split
-    over processes; per-sample keyed numbers (``batch["rng"]``) make N processes pick what one process picks.
-    ``topk == 1`` or ``uniform=None`` defer to ``queue.lookup``.
-    """
-    filled = int(queue.filled)
-    if topk == 1 or uniform is None or filled == 0:
-        return queue.lookup(x, ids, topk=topk)
-    stored = queue.values[:filled]
-    similarity = F.normalize(x.detach().float(), dim=-1) @ F.normalize(stored.float(), dim=-1).T
-    if ids is not None:
-        row_ids = ids.to(queue.ids.device).repeat(len(x) // len(ids))
-        similarity = similarity.masked_fill(row_ids[:, None] == queue.ids[None, :filled], -1.0)
-    k = min(topk, filled)
-    best = similarity.topk(k, dim=1).indices
-    pick = (uniform.reshape(-1, 1).to(best.device) * k).long().clamp_max(k - 1)
-    return stored[best.gather(1, pick).squeeze(1)].to(x.dtype)
-
-
-def ignore_in_ddp(module: nn.Module, names: list[str]) -> None:
-    """Keep buffers that every process holds identically (queues, EMA copies) out of DDP's per-step broadcast."""
-    module._ddp_params_and_buffers_to_ignore = list(names)
-
-
-# ---------------------------------------------------------------------------------------------------- objective
 
 class IDHead(nn.Module):
     """Projector, predictor and nearest-neighbour queue of one MIM-Refiner head."""
@@ -248,7 +187,7 @@ class MIMRefiner(Objective):
         g = self.opts["global_views"]
         groups = [torch.cat(views[:g])] + ([torch.cat(views[g:])] if len(views) > g else [])
         final = "out" in self.heads
-        outs = [encode(self.backbone, x, blocks=self.blocks, final=final) for x in groups]
+        outs = [self.backbone(x, blocks=self.blocks, out="raw", final=final) for x in groups]
         inputs = {}
         for name in self.heads:
             if name == "out":
@@ -275,7 +214,7 @@ class MIMRefiner(Objective):
             p = head.predictor(z)
             anchor = z[:g * batch_size].detach()                                    # teachers: global views
             u = uniform[:, h].T.reshape(-1) if uniform is not None else None       # view-major, like anchor
-            neighbour = keyed_lookup(head.queue, anchor, ids, o["topk"], u)
+            neighbour = head.queue.lookup(anchor, ids, topk=o["topk"], uniform=u)
             # (V·B, d) → (B, V, d), gathered over processes with gradient → (W·B, V, d)
             predictions = distributed.gather_with_grad(p.view(len(views), batch_size, -1).transpose(0, 1).contiguous())
             loss = sum(nna_loss(anchor[i * batch_size:(i + 1) * batch_size],

@@ -1,10 +1,10 @@
 """Layer-wise k-NN probe: k-NN accuracy of the CLS token of every block, raw and after the final norm.
 
 The curve behind MIM-Refiner (Alkin et al. 2024, figure 1): a MIM model's representation peaks in an intermediate
-block, a refined one at the end. The math is :func:`sslbench.evaluators.per_block` (DINO k-NN per block).
+block, a refined one at the end. The math is :func:`sslbench.evaluation.per_block` (DINO k-NN per block).
 
 Rows: ``top1`` (and ``top5``) with variant ``k=<k>,block=<i>,<raw|normed>[,std]``, blocks numbered from 0. The
-evaluator only returns rows; whoever writes a run's rows (``sslbench.report``) also writes the table
+evaluator only returns rows; whoever writes a run's rows (``sslbench.training.publish``) also writes the table
 (``per_block.csv``) and the curve (``per_block.png``) beside its ``metrics.csv``, and ``sslbench leaderboard
 --plots`` draws the curves of every run — so the plot is always made from exactly the rows that were recorded.
 
@@ -17,11 +17,11 @@ evaluator only returns rows; whoever writes a run's rows (``sslbench.report``) a
 from __future__ import annotations
 
 import sslbench
-from sslbench.errors import UserError
-from sslbench.evaluator import Evaluator, MetricValue
-from sslbench.evaluators import per_block
-from sslbench.features import FeatureRequest
-from sslbench.options import Option
+from sslbench.core.errors import UserError
+from sslbench.core.evaluator import Evaluator, MetricValue
+from sslbench.evaluation import per_block
+from sslbench.core.evaluator import FeatureRequest
+from sslbench.core.options import Option
 
 
 class PerBlock(Evaluator):

@@ -14,13 +14,12 @@ Plugin authors import from here::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .errors import PluginError, RecipeError, UserError
-from .evaluator import Evaluator, MetricValue
-from .hookspecs import hookimpl
-from .objective import DataInfo, Objective, StageContext
-from .options import Option
+from sslbench.core.errors import PluginError, RecipeError, UserError
+from sslbench.core.evaluator import Evaluator, MetricValue
+from sslbench.core.hookspecs import hookimpl
+from sslbench.core.objective import DataInfo, Objective, StageContext
+from sslbench.core.options import Option
+from sslbench.core.version import __version__
 
 __all__ = ["__version__", "hookimpl", "Objective", "Evaluator", "MetricValue", "Option", "DataInfo",
            "StageContext", "UserError", "RecipeError", "PluginError"]

@@ -18,7 +18,7 @@ import os
 import sys
 import traceback
 
-from .errors import UserError
+from sslbench.core.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,20 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "list":
-            from .listing import print_listing
+            from sslbench.commands.list import print_listing
 
             return print_listing(options=args.options)
         if args.command == "check":
-            from .check import check_recipe
+            from sslbench.commands.check import check_recipe
 
             return check_recipe(args.recipe, allow_missing=args.allow_missing_files)
         if args.command == "run":
-            from .runner import run_recipe
+            from sslbench.training.run import run_recipe
 
             if args.no_progress or args.dry_run:
                 os.environ["SSLBENCH_PROGRESS"] = "0"
             if args.dry_run:
-                from .dry_run import dry_run_recipe
+                from sslbench.commands.dry_run import dry_run_recipe
 
                 return dry_run_recipe(args.recipe, seed=args.seed)
             if args.allow_optimizer_change and not args.resume:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                        allow_optimizer_change=args.allow_optimizer_change)
             return 0
         if args.command == "eval":
-            from .eval_checkpoint import evaluate_checkpoint
+            from sslbench.commands.eval import evaluate_checkpoint
 
             if args.no_progress:
                 os.environ["SSLBENCH_PROGRESS"] = "0"
@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                                 progress=not args.no_progress, trust_checkpoint=args.trust_checkpoint)
             return 0
         if args.command == "leaderboard":
-            from .results import collect_runs, build_leaderboard, write_leaderboard
+            from sslbench.results.metrics import collect_runs, build_leaderboard, write_leaderboard
 
             rows = collect_runs(args.dir)
             board = build_leaderboard(rows)
             write_leaderboard(board, args.output)
             print(f"{len(board)} rows → {args.output} and {os.path.splitext(args.output)[0]}.md")
             if args.plots:
-                from .plots import write_leaderboard_plots
+                from sslbench.results.plots import write_leaderboard_plots
 
                 plots = write_leaderboard_plots(rows, board, os.path.join(os.path.dirname(args.output), "plots"))
                 print(f"{len(plots)} plots → {os.path.join(os.path.dirname(args.output) or '.', 'plots')}/")

@@ -7,9 +7,9 @@ import pytest
 import timm
 import torch
 
-from sslbench.backbone import Backbone, PostNormBlock, build_backbone, sincos_2d_position_embedding
-from sslbench.errors import UserError
-from sslbench.masks import DropMask, ReplaceMask, random_drop_mask, random_replace_mask, random_split_mask
+from sslbench.core.backbone import Backbone, PostNormBlock, build_backbone, sincos_2d_position_embedding
+from sslbench.core.errors import UserError
+from sslbench.core.masks import DropMask, ReplaceMask, random_drop_mask, random_replace_mask, random_split_mask
 
 TINY = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=3, num_heads=2)
 ATOL = 1e-5

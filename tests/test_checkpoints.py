@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sslbench.backbone import build_backbone
-from sslbench.checkpoints import BUILTIN_FORMATS, CheckpointFormat, load_checkpoint
-from sslbench.errors import UserError
+from sslbench.core.backbone import build_backbone
+from sslbench.core.checkpoints import BUILTIN_FORMATS, CheckpointFormat, load_checkpoint
+from sslbench.core.errors import UserError
 
 TINY = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
 ATOL = 1e-5

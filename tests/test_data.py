@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-import sslbench.data_sources as sources
-from sslbench.data import (
-    BUILTIN_SOURCES, ImageDataset, InMemoryLoader, compute_fingerprint, eval_shard, iter_eval_batches,
+import sslbench.data.sources as sources
+from sslbench.data.dataset import (
+    ImageDataset, InMemoryLoader, compute_fingerprint, eval_shard, iter_eval_batches,
 )
-from sslbench.data_sources import (
-    FASHION_MNIST_CLASSES, load_digits, load_disk, load_fashion_mnist, load_hf, load_imagefolder, load_parquet,
+from sslbench.data.sources import (
+    BUILTIN_SOURCES, FASHION_MNIST_CLASSES, load_digits, load_disk, load_fashion_mnist, load_hf, load_imagefolder, load_parquet,
     read_idx,
 )
-from sslbench.errors import RecipeError, UserError
-from sslbench.options import validate_options
+from sslbench.core.errors import RecipeError, UserError
+from sslbench.core.options import validate_options
 
 CLASSES = ["cat", "dog", "eel"]
 

@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sslbench import distributed
-from sslbench.losses import infonce_loss, nna_loss, nnclr_loss
-from sslbench.modules import convert_sync_batchnorm, mimrefiner_projector
+from sslbench.core import distributed
+from sslbench.core.losses import infonce_loss, nna_loss, nnclr_loss
+from sslbench.core.modules import convert_sync_batchnorm, mimrefiner_projector
 
 WORLD = 2
 ATOL = 1e-6

@@ -9,13 +9,13 @@ import copy
 import pytest
 import torch
 
-from sslbench.backbone import build_backbone
-from sslbench.checkpoints import _D2V_RENAMES, BUILTIN_FORMATS
+from sslbench.core.backbone import build_backbone
+from sslbench.core.checkpoints import _D2V_RENAMES, BUILTIN_FORMATS
 from sslbench.cli import main
-from sslbench.errors import RecipeError
-from sslbench.plugins import get_registry
-from sslbench.recipe import load_recipe, recipe_hash
-from sslbench.setup import build_model
+from sslbench.core.errors import RecipeError
+from sslbench.core.registry import get_registry
+from sslbench.training.recipe import load_recipe, recipe_hash
+from sslbench.training.assembly import build_model
 
 TINY_D2V = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sslbench.cli import main
-from sslbench.recipe import protocol_hash, resolve
+from sslbench.training.recipe import protocol_hash, resolve
 
 EVALS = [{"name": "knn", "k": [5, 10]}, {"name": "per_block", "k": [5]}]
 
@@ -23,7 +23,7 @@ def recipe(tiny_recipe, write_recipe):
 
 def timm_checkpoint(path, seed: int, **overrides):
     """A timm-format state dict of the tiny recipe's architecture, randomly initialised with ``seed``."""
-    from sslbench.backbone import build_backbone
+    from sslbench.core.backbone import build_backbone
 
     shape = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, pos_embed="sincos")
     torch.manual_seed(seed)
@@ -48,7 +48,7 @@ def test_eval_of_a_timm_checkpoint(recipe, tmp_path, capsys):
     frame = rows_of(run_dir)
     assert set(frame["stage"]) == {"eval"} and set(frame["checkpoint"]) == {str(weights)}
     assert set(frame["objective"]) == {"pretrained:timm"} and set(frame["evaluator"]) == {"knn", "per_block"}
-    from sslbench.plugins import get_registry
+    from sslbench.core.registry import get_registry
 
     assert set(frame["protocol_hash"]) == {protocol_hash(resolve(recipe, get_registry()))[:16]}
     assert (run_dir / "per_block.png").stat().st_size > 1000 and (run_dir / "per_block.csv").is_file()

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sslbench.backbone import build_backbone
-from sslbench.data import ImageDataset
-from sslbench.errors import UserError
-from sslbench.features import FeatureRequest, extract_features, weights_fingerprint
-from sslbench.views import EvalTransform, to_float
+from sslbench.core.backbone import build_backbone
+from sslbench.data.dataset import ImageDataset
+from sslbench.core.errors import UserError
+from sslbench.evaluation.features import FeatureRequest, extract_features, weights_fingerprint
+from sslbench.data.views import EvalTransform, to_float
 
 DEPTH = 3
 REQUESTS = [FeatureRequest(0, "cls", "raw"), FeatureRequest(1, "mean", "normed"),
@@ -142,7 +142,7 @@ def test_features_equal_direct_forward_with_one_forward_per_batch(backbone) -> N
 def test_per_batch_features_do_not_hold_the_block_outputs(backbone) -> None:
     """Each pooled feature owns just its (B, D) values: a view such as tokens[:, 0] would keep the whole
     (B, tokens, D) block output alive until extraction ends (OOM for per-block probes of a real dataset)."""
-    from sslbench.features import _forward_batch
+    from sslbench.evaluation.features import _forward_batch
 
     images = grey_transform()(to_float(tiny_dataset(4).images))
     requests = [r.resolve(len(backbone.vit.blocks)) for r in REQUESTS]
@@ -265,7 +265,7 @@ def _extract_elsewhere_under_the_lock(lock: str, ready: str, source: str, cache:
     import shutil
     import time
 
-    from sslbench.io import file_lock
+    from sslbench.core.io import file_lock
 
     with file_lock(lock):
         Path(ready).touch()
@@ -280,7 +280,7 @@ def test_a_concurrent_extraction_of_the_same_features_is_waited_for(backbone, tm
     import multiprocessing
     import time
 
-    from sslbench.feature_cache import cache_source, lock_path
+    from sslbench.evaluation.cache import cache_source, lock_path
 
     dataset, request, transform = tiny_dataset(), FeatureRequest(-1, "cls", "normed"), grey_transform()
     source, cache = tmp_path / "earlier", tmp_path / "cache"
@@ -320,7 +320,7 @@ import sys, torch
 from accelerate import Accelerator
 sys.path.insert(0, {tests_dir!r})
 from test_features import REQUESTS, tiny_backbone, tiny_dataset, grey_transform, ForwardCounter
-from sslbench.features import extract_features
+from sslbench.evaluation.features import extract_features
 
 torch.set_num_threads(1)
 accelerator = Accelerator(cpu=True)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sslbench.io import (
+from sslbench.core.io import (
     atomic_directory,
     atomic_torch_save,
     atomic_write_bytes,

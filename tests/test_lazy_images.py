@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from sslbench.data import InMemoryLoader, iter_eval_batches
-from sslbench.data_sources import load_imagefolder
-from sslbench.errors import UserError
-from sslbench.lazy_images import LazyImages, is_lazy
+from sslbench.data.dataset import InMemoryLoader, iter_eval_batches
+from sslbench.data.sources import load_imagefolder
+from sslbench.core.errors import UserError
+from sslbench.data.lazy import LazyImages, is_lazy
 
 CLASSES = ["ant", "bee", "cow"]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sslbench.losses import (
+from sslbench.core.losses import (
     infonce_loss, mae_loss, masked_infonce_loss, micl_loss, micl_similarity, nna_loss, nnclr_loss,
     patch_contrast_loss, patchify, symmetric_nnclr_loss, unpatchify,
 )

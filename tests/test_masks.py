@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from sslbench.errors import UserError
-from sslbench.masks import (_place_blocks, blockwise_mask, random_drop_mask, random_replace_mask,
+from sslbench.core.errors import UserError
+from sslbench.core.masks import (_place_blocks, blockwise_mask, random_drop_mask, random_replace_mask,
                             random_split_mask)
 
 

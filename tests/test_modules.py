@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from sslbench.modules import (
+from sslbench.core.modules import (
     EMA, GlobalBatchNorm1d, NNQueue, conmim_projector, convert_sync_batchnorm, cosine_momentum, maect_predictor,
     maect_projector, mimrefiner_predictor, mimrefiner_projector, mlp,
 )
@@ -285,3 +285,18 @@ def test_cosine_momentum_schedule():
     values = [cosine_momentum(s, 10, 0.99) for s in range(11)]
     assert all(a < b for a, b in zip(values, values[1:]))
     assert cosine_momentum(500, 100, 0.99) == pytest.approx(1.0)
+
+
+def test_queue_topk_pick_from_keyed_numbers_depends_on_the_row_not_on_the_batch_split():
+    queue = NNQueue(10, 2, normalize=False)
+    angles = torch.linspace(0, 1.5, 10)
+    queue.enqueue(torch.stack([angles.cos(), angles.sin()], 1), torch.arange(10) + 100)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.2]])
+    u = torch.tensor([0.0, 0.99, 0.5, 0.3])
+    whole = queue.lookup(x, torch.arange(4), topk=3, uniform=u)
+    halves = torch.cat([queue.lookup(x[:2], torch.arange(2), topk=3, uniform=u[:2]),
+                        queue.lookup(x[2:], torch.arange(2, 4), topk=3, uniform=u[2:])])
+    assert torch.equal(whole, halves)
+    top3 = (torch.nn.functional.normalize(x, dim=1) @ queue.values.T).topk(3).indices
+    assert torch.equal(whole[0], queue.values[top3[0, 0]]) and torch.equal(whole[1], queue.values[top3[1, 2]])
+    assert torch.equal(queue.lookup(x, torch.arange(4), topk=1, uniform=u), queue.lookup(x, torch.arange(4)))

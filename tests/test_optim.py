@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from sslbench.errors import RecipeError
-from sslbench.optim import StageSchedule, build_optimizer, frozen_names, lr_at, param_groups
+from sslbench.core.errors import RecipeError
+from sslbench.training.optim import StageSchedule, build_optimizer, frozen_names, lr_at, param_groups
 
 
 class TinyBackbone(nn.Module):

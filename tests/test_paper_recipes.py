@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sslbench.cli import main
-from sslbench.plugins import get_registry
-from sslbench.recipe import load_recipe, protocol_hash
+from sslbench.core.registry import get_registry
+from sslbench.training.recipe import load_recipe, protocol_hash
 
 from .conftest import sslbench_cmd
 

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from sslbench.cli import main
-from sslbench.plots import main_metric_columns, per_block_table, write_run_per_block
-from sslbench.results import write_metrics
+from sslbench.results.plots import main_metric_columns, per_block_table, write_run_per_block
+from sslbench.results.metrics import write_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -94,7 +94,7 @@ def test_main_metric_columns():
 
 
 def test_value_axis_limits_show_small_differences():
-    from sslbench.plots import value_axis_limits
+    from sslbench.results.plots import value_axis_limits
 
     assert value_axis_limits([80.7, 80.96, 81.0]) == pytest.approx((79.7, 82.0))
     assert value_axis_limits([20.0, 80.0]) == pytest.approx((0.0, 110.0))  # never below 0

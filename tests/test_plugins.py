@@ -11,8 +11,8 @@ import types
 import pytest
 
 import sslbench
-from sslbench.errors import PluginError
-from sslbench.plugins import build_registry
+from sslbench.core.errors import PluginError
+from sslbench.core.registry import build_registry
 
 from .conftest import dump_recipe, sslbench_cmd
 
@@ -49,7 +49,7 @@ def test_plugin_that_fails_to_import_is_listed_and_others_keep_working(tmp_path)
 
 
 def test_every_hook_is_documented():
-    from sslbench import hookspecs
+    from sslbench.core import hookspecs
 
     for name in ("register_objectives", "register_evaluators", "register_checkpoint_formats", "register_datasets"):
         assert getattr(hookspecs, name).__doc__.strip()
@@ -73,7 +73,7 @@ THIRD_PARTY = textwrap.dedent('''
     import torch.nn.functional as F
 
     import sslbench
-    from sslbench.views import Compose, IndependentCrops, Normalize, RandomResizedCrop
+    from sslbench.data.views import Compose, IndependentCrops, Normalize, RandomResizedCrop
 
 
     class CosineCrops(sslbench.Objective):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from sslbench.cli import main
-from sslbench.errors import RecipeError
-from sslbench.plugins import get_registry
-from sslbench.recipe import load_recipe, protocol_hash, recipe_hash, resolve
+from sslbench.core.errors import RecipeError
+from sslbench.core.registry import get_registry
+from sslbench.training.recipe import load_recipe, protocol_hash, recipe_hash, resolve
 
 from .conftest import sslbench_cmd
 
@@ -126,7 +126,7 @@ def test_check_prints_resolved_recipe_and_plan(tiny_recipe, write_recipe, capsys
 
 
 def test_resolved_recipe_round_trips_through_toml(tiny_recipe, tmp_path):
-    from sslbench.recipe import to_toml
+    from sslbench.training.recipe import to_toml
 
     registry = get_registry()
     recipe = resolve(copy.deepcopy(tiny_recipe), registry)

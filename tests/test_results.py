@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sslbench.errors import UserError
-from sslbench.results import (
+from sslbench.core.errors import UserError
+from sslbench.results.metrics import (
     COLUMNS,
     MetricRow,
     build_leaderboard,
@@ -217,7 +217,7 @@ def test_refresh_leaderboard_collects_the_runs_under_the_lock(tmp_path: Path, mo
     import fcntl
     import os
 
-    import sslbench.results as results
+    import sslbench.results.metrics as results
 
     _synthetic_runs(tmp_path / "runs")
     out = tmp_path / "leaderboard.csv"

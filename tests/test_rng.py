@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sslbench.rng import KeyedRandom
+from sslbench.core.rng import KeyedRandom
 
 
 def test_streams_depend_only_on_seed_step_and_key():

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from sslbench.cli import main
-from sslbench.resume import load_resume_state
+from sslbench.training.resume import load_resume_state
 
 from .conftest import dump_recipe, sslbench_cmd
 
@@ -103,7 +103,7 @@ def test_ema_is_kept_exported_and_evaluated_and_frozen_parts_stay(tmp_path, tiny
 
 
 def test_ema_update_is_the_exponential_moving_average():
-    from sslbench.train import EMABackbone
+    from sslbench.training.trainer import EMABackbone
 
     model = torch.nn.Linear(3, 2)
     ema = EMABackbone(model, momentum=0.9)

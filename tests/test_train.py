@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import sslbench
-import sslbench.plugins
+import sslbench.core.registry
 from sslbench.cli import main
-from sslbench.plugins import build_registry
-from sslbench.resume import load_resume_state
+from sslbench.core.registry import build_registry
+from sslbench.training.resume import load_resume_state
 
 from .conftest import dump_recipe, sslbench_cmd
 
@@ -108,7 +108,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
         register("nan_at_3", NaNAtStep3)
 
     plugin.register_objectives = register_objectives
-    monkeypatch.setattr(sslbench.plugins, "_REGISTRY", build_registry(extra_modules={"nan_plugin": plugin}))
+    monkeypatch.setattr(sslbench.core.registry, "_REGISTRY", build_registry(extra_modules={"nan_plugin": plugin}))
     recipe = copy.deepcopy(tiny_recipe)
     recipe["run"].update(name="nan", checkpoint_every=2)
     recipe["stages"] = [{"objective": "nan_at_3", "steps": 6, "batch_size": 32, "optimizer": {"lr": 1e-3}}]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision.transforms import RandomResizedCrop as TorchvisionRRC
 
-from sslbench.transforms import (
+from sslbench.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, ColorJitter, GaussianBlur, Grayscale, HorizontalFlip, Normalize, RandomResizedCrop,
     Solarize, blur, crop_resize, hsv_to_rgb, normalization_stats, rgb_to_hsv, to_float,
 )

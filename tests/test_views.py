@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sslbench.rng import KeyedRandom
-from sslbench.views import (
+from sslbench.core.rng import KeyedRandom
+from sslbench.data.views import (
     CenterCrop, Compose, EvalTransform, HorizontalFlip, IndependentCrops, MultiCrop, Normalize, RandomResizedCrop,
     Resize, SharedCrop, Solarize, conmim_views, mae_views, maect_views, micl_views, mimrefiner_views,
 )

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from sklearn import metrics as skm
 from sklearn.cluster import KMeans
 
-from sslbench.errors import UserError
-from sslbench.evaluators import clustering
-from sslbench.evaluators.clustering import hungarian_accuracy, kmeans
+from sslbench.core.errors import UserError
+from sslbench.evaluation import clustering
+from sslbench.evaluation.clustering import hungarian_accuracy, kmeans
 
 
 def test_separable_blobs_agree_with_sklearn_kmeans_and_metrics(clusters):

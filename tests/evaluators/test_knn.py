@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sslbench.errors import UserError
-from sslbench.evaluators import knn
-from sslbench.evaluators.knn import _stable_topk, as_features
+from sslbench.core.errors import UserError
+from sslbench.evaluation import knn
+from sslbench.evaluation.knn import _stable_topk, as_features
 
 
 def reference_knn(train_x, train_y, test_x, k, temperature, classes, standardize=False, eps=1e-6):

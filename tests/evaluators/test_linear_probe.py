@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslbench.errors import UserError
-from sslbench.evaluators import linear_probe
-from sslbench.evaluators.linear_probe import DINOV2_LRS, stratified_holdout, train_linear_heads
+from sslbench.core.errors import UserError
+from sslbench.evaluation import linear_probe
+from sslbench.evaluation.linear_probe import DINOV2_LRS, stratified_holdout, train_linear_heads
 
 FAST = dict(epochs=5, batch_size=64)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslbench.errors import UserError
-from sslbench.evaluators import low_shot
-from sslbench.evaluators.low_shot import (centre_and_normalize, fit_logistic_regression, logistic_loss_and_grad,
+from sslbench.core.errors import UserError
+from sslbench.evaluation import low_shot
+from sslbench.evaluation.low_shot import (centre_and_normalize, fit_logistic_regression, logistic_loss_and_grad,
                                           low_shot_subsets, rank_within_class, sklearn_C)
 
 

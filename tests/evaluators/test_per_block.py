@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from sslbench.errors import UserError
-from sslbench.evaluators import knn, per_block, plot_per_block
-from sslbench.evaluators.per_block import curves_from
+from sslbench.core.errors import UserError
+from sslbench.evaluation import knn, per_block, plot_per_block
+from sslbench.evaluation.per_block import curves_from
 
 
 def test_per_block_equals_knn_of_each_block(clusters):

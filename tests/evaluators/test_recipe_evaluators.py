@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sslbench.errors import UserError
-from sslbench.evaluator import Split
-from sslbench.evaluators import clustering, knn, linear_probe, low_shot
-from sslbench.features import FeatureRequest
-from sslbench.plots import PER_BLOCK_VARIANT
+from sslbench.core.errors import UserError
+from sslbench.core.evaluator import Split
+from sslbench.evaluation import clustering, knn, linear_probe, low_shot
+from sslbench.core.evaluator import FeatureRequest
+from sslbench.results.plots import PER_BLOCK_VARIANT
 
 from .test_registered import build, fake_splits
 

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from sslbench.evaluator import Evaluator, MetricValue, Split
-from sslbench.features import FeatureRequest
-from sslbench.options import validate_options
-from sslbench.plugins import build_registry
+from sslbench.core.evaluator import Evaluator, MetricValue, Split
+from sslbench.core.evaluator import FeatureRequest
+from sslbench.core.options import validate_options
+from sslbench.core.registry import build_registry
 
 from ..conftest import assert_declared
 
@@ -80,9 +80,9 @@ def test_rows_are_sane_and_deterministic(name):
 
 @pytest.mark.parametrize("name", EVALUATORS)
 def test_rows_go_into_metrics_csv(name, tmp_path, tiny_recipe):
-    from sslbench.recipe import resolve
-    from sslbench.report import metric_rows
-    from sslbench.results import read_metrics, write_metrics
+    from sslbench.training.recipe import resolve
+    from sslbench.training.publish import metric_rows
+    from sslbench.results.metrics import read_metrics, write_metrics
 
     evaluator = build(name)
     train, test = fake_splits(evaluator.requests(DEPTH))

@@ -169,9 +169,9 @@ def test_corrupt_image_met_during_training_is_one_line(workers, tmp_path):
     traceback."""
     import torch
 
-    from sslbench.data_sources import load_imagefolder
-    from sslbench.errors import UserError
-    from sslbench.lazy_images import decoded_batches
+    from sslbench.data.sources import load_imagefolder
+    from sslbench.core.errors import UserError
+    from sslbench.data.lazy import decoded_batches
 
     root = _image_folder(tmp_path / "lazy")
     dataset = load_imagefolder(path=str(root), storage="lazy", hf_cache_dir=str(tmp_path / "hf"))

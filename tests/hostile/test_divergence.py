@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import sslbench
-import sslbench.plugins
-from sslbench.backbone import build_backbone
+import sslbench.core.registry
+from sslbench.core.backbone import build_backbone
 from sslbench.cli import main
-from sslbench.plugins import build_registry
-from sslbench.resume import load_resume_state
-from sslbench.train import all_finite
+from sslbench.core.registry import build_registry
+from sslbench.training.resume import load_resume_state
+from sslbench.training.trainer import all_finite
 
 
 def _all_finite_state(state: dict) -> bool:
@@ -65,7 +65,7 @@ class Quadratic(sslbench.Objective):
         self.w = torch.nn.Parameter(torch.ones(4))
 
     def views(self, data):
-        from sslbench.views import Compose, IndependentCrops, Normalize
+        from sslbench.data.views import Compose, IndependentCrops, Normalize
 
         return IndependentCrops(1, Compose([Normalize(data.mean, data.std)]))
 
@@ -82,7 +82,7 @@ def _with_objective(monkeypatch, name, cls):
         register(name, cls)
 
     plugin.register_objectives = register_objectives
-    monkeypatch.setattr(sslbench.plugins, "_REGISTRY", build_registry(extra_modules={f"{name}_plugin": plugin}))
+    monkeypatch.setattr(sslbench.core.registry, "_REGISTRY", build_registry(extra_modules={f"{name}_plugin": plugin}))
 
 
 def test_resume_after_divergence_with_a_lower_lr(tiny_recipe, tmp_path, write_recipe, refused, monkeypatch):
@@ -135,7 +135,7 @@ class InfiniteGradient(sslbench.Objective):
         self.weight = torch.nn.Parameter(torch.zeros(3))
 
     def views(self, data):
-        from sslbench.views import Compose, IndependentCrops, Normalize
+        from sslbench.data.views import Compose, IndependentCrops, Normalize
 
         return IndependentCrops(1, Compose([Normalize(data.mean, data.std)]))
 

@@ -109,7 +109,7 @@ def test_kill_in_the_middle_of_a_checkpoint_write(tmp_path, reference):
     assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
     stale = list((run_dir / "checkpoints").glob(".tmp-last.pt-*"))
     assert len(stale) == 1, "the kill should have left a half-written temporary file"
-    from sslbench.resume import load_resume_state
+    from sslbench.training.resume import load_resume_state
 
     assert load_resume_state(run_dir / "checkpoints" / "last.pt")["meta"]["progress"]["global_step"] == 7
     _resume_and_compare(path, run_dir, tmp_path, reference)

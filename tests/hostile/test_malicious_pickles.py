@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from sslbench.backbone import build_backbone
+from sslbench.core.backbone import build_backbone
 from sslbench.cli import main
 
 from .conftest import files_under, malicious_file, prove_payload_works

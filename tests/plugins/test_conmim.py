@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import sslbench
-from sslbench.backbone import build_backbone
-from sslbench.modules import cosine_momentum
-from sslbench.objective import StageContext
-from sslbench.options import validate_options
-from sslbench.rng import KeyedRandom
+from sslbench.core.backbone import build_backbone
+from sslbench.core.modules import cosine_momentum
+from sslbench.core.objective import StageContext
+from sslbench.core.options import validate_options
+from sslbench.core.rng import KeyedRandom
 from sslbench_plugins.conmim import ConMIM
 
 from .test_registered_objectives import INFO, images

@@ -17,12 +17,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 import sslbench
 from sslbench.cli import main
-from sslbench.losses import symmetric_nnclr_loss
-from sslbench.objective import StageContext
-from sslbench.optim import frozen_names, param_groups
-from sslbench.options import validate_options
+from sslbench.core.losses import symmetric_nnclr_loss
+from sslbench.core.objective import StageContext
+from sslbench.training.optim import frozen_names, param_groups
+from sslbench.core.options import validate_options
 from sslbench_plugins.mae_ct import MAECT
-from sslbench.resume import load_resume_state
+from sslbench.training.resume import load_resume_state
 
 from .test_mim_refiner import images, step_inputs, tiny_backbone
 

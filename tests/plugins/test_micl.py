@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import sslbench
-from sslbench.backbone import build_backbone
-from sslbench.losses import micl_loss
-from sslbench.masks import DropMask, split_mask_from_noise
-from sslbench.objective import StageContext
-from sslbench.options import validate_options
-from sslbench.rng import KeyedRandom
+from sslbench.core.backbone import build_backbone
+from sslbench.core.losses import micl_loss
+from sslbench.core.masks import DropMask, split_mask_from_noise
+from sslbench.core.objective import StageContext
+from sslbench.core.options import validate_options
+from sslbench.core.rng import KeyedRandom
 from sslbench_plugins.micl import MiCL
 
 from .test_registered_objectives import INFO, images

@@ -14,16 +14,15 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import sslbench
-from sslbench.backbone import build_backbone
+from sslbench.core.backbone import build_backbone
 from sslbench.cli import main
-from sslbench.objective import DataInfo, StageContext
-from sslbench.optim import frozen_names, param_groups
-from sslbench.options import validate_options
-from sslbench.rng import KeyedRandom
-from sslbench_plugins.mim_refiner import (MIMRefiner, keyed_lookup, patch_tokens_any_size, proportional_blocks,
+from sslbench.core.objective import DataInfo, StageContext
+from sslbench.training.optim import frozen_names, param_groups
+from sslbench.core.options import validate_options
+from sslbench.core.rng import KeyedRandom
+from sslbench_plugins.mim_refiner import (MIMRefiner, proportional_blocks,
                                           view_pairs)
-from sslbench.modules import NNQueue
-from sslbench.resume import load_resume_state
+from sslbench.training.resume import load_resume_state
 
 SMALL = {"proj_hidden": 32, "proj_out": 8, "pred_hidden": 16, "queue_size": 12, "local_views": 2}
 INFO = DataInfo(image_size=16, channels=1, mean=(0.5,), std=(0.5,), num_samples=64)
@@ -42,7 +41,7 @@ def make(seed: int = 0, depth: int = 2, **options) -> MIMRefiner:
 
 @functools.lru_cache
 def _digits() -> torch.Tensor:
-    from sslbench.data_sources import load_digits
+    from sslbench.data.sources import load_digits
 
     return load_digits("train", size=16, limit=64).images
 
@@ -111,11 +110,15 @@ def test_heads_see_the_raw_cls_of_their_block_and_the_normed_output():
 def test_local_views_use_the_position_embedding_resized_to_their_grid():
     backbone = tiny_backbone()
     x = torch.randn(2, 1, 16, 16)
-    assert torch.allclose(patch_tokens_any_size(backbone, x), backbone.patch_tokens(x))
-    small = patch_tokens_any_size(backbone, torch.zeros(2, 1, 8, 8))        # conv of zeros = bias
+    assert torch.equal(backbone.patch_tokens(x), backbone.add_pos_embed(backbone.embed(x)))
+    small = backbone.patch_tokens(torch.zeros(2, 1, 8, 8))        # conv of zeros = bias
     assert small.shape == (2, 4, 32)
     bias = backbone.vit.patch_embed.proj.bias
-    assert torch.allclose(small - bias, (small - bias)[:1].expand_as(small))
+    table = backbone.vit.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(table, size=(2, 2), mode="bicubic", align_corners=False)
+    assert torch.allclose(small - bias, resized.permute(0, 2, 3, 1).reshape(1, 4, 32).expand_as(small), atol=1e-6)
+    out = backbone(torch.randn(2, 1, 8, 8), blocks=[0], out="raw")        # the whole forward at that size
+    assert out.tokens.shape == (2, 5, 32)
     assert make().local_size(28) == 12 and make().local_size(16) == 8
 
 
@@ -182,21 +185,6 @@ def test_queue_fills_with_view0_carries_over_stages_and_round_trips_state_dict()
     losses = [model.eval()(*step_inputs(model, images(8, seed=5), torch.arange(8) + 16, 2))["loss"]
               for model in (objective, restored)]
     assert torch.equal(*losses)
-
-
-def test_keyed_topk_pick_depends_on_the_row_not_on_the_batch_split():
-    queue = NNQueue(10, 2, normalize=False)
-    angles = torch.linspace(0, 1.5, 10)
-    queue.enqueue(torch.stack([angles.cos(), angles.sin()], 1), torch.arange(10) + 100)
-    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.2]])
-    u = torch.tensor([0.0, 0.99, 0.5, 0.3])
-    whole = keyed_lookup(queue, x, torch.arange(4), topk=3, uniform=u)
-    halves = torch.cat([keyed_lookup(queue, x[:2], torch.arange(2), 3, u[:2]),
-                        keyed_lookup(queue, x[2:], torch.arange(2, 4), 3, u[2:])])
-    assert torch.equal(whole, halves)
-    top3 = (torch.nn.functional.normalize(x, dim=1) @ queue.values.T).topk(3).indices
-    assert torch.equal(whole[0], queue.values[top3[0, 0]]) and torch.equal(whole[1], queue.values[top3[1, 2]])
-    assert torch.equal(keyed_lookup(queue, x, torch.arange(4), 1, u), queue.lookup(x, torch.arange(4)))
 
 
 # ------------------------------------------------------------------------------------ 2 processes = 1 process

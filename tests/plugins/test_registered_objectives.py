@@ -12,11 +12,11 @@ import math
 import pytest
 import torch
 
-from sslbench.backbone import build_backbone
-from sslbench.objective import DataInfo, Objective, StageContext
-from sslbench.options import validate_options
-from sslbench.plugins import build_registry
-from sslbench.rng import KeyedRandom
+from sslbench.core.backbone import build_backbone
+from sslbench.core.objective import DataInfo, Objective, StageContext
+from sslbench.core.options import validate_options
+from sslbench.core.registry import build_registry
+from sslbench.core.rng import KeyedRandom
 
 from ..conftest import assert_declared
 from .test_mim_refiner import images

@@ -1,0 +1,149 @@
+"""The evaluator interface: frozen features in, metric rows out.
+
+An evaluator declares which features it needs (block, token, raw/normed) as :class:`FeatureRequest`s; the runner
+extracts them once (cached) and hands them over. The math lives in ``sslbench.evaluation`` (functions on tensors);
+a registered evaluator is a thin wrapper that maps options and names the rows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from sslbench.core.errors import UserError
+from sslbench.core.options import Option
+
+TOKENS = ("cls", "mean", "cls+mean")
+NORMS = ("raw", "normed")
+_REQUEST_PATTERN = re.compile(r"^b(-?\d+)\.(cls\+mean|cls|mean)\.(raw|normed)$")
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """Which feature to extract: the output of block ``block`` (0-based; -1 = last, negatives count from the end),
+    pooled as ``token`` and taken from the ``norm`` stream.
+
+    - ``token``: ``"cls"`` (the CLS token), ``"mean"`` (mean of the patch tokens, CLS and other prefix tokens
+      excluded) or ``"cls+mean"`` (both concatenated, 2·D wide — the DINOv2 linear-probe variant).
+    - ``norm``: ``"raw"`` (the residual stream, as MIM-Refiner's intermediate ID heads see it) or ``"normed"``
+      (passed through the backbone's final norm, as the encoder output is).
+    """
+
+    block: int = -1
+    token: str = "cls"
+    norm: str = "normed"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block, int) or isinstance(self.block, bool):
+            raise UserError(f"feature request: block must be an integer, got {self.block!r}")
+        if self.token not in TOKENS:
+            raise UserError(f"feature request: token must be one of {', '.join(TOKENS)}, got {self.token!r}")
+        if self.norm not in NORMS:
+            raise UserError(f"feature request: norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+
+    def __str__(self) -> str:
+        return f"b{self.block}.{self.token}.{self.norm}"
+
+    def __repr__(self) -> str:
+        return f"FeatureRequest({str(self)!r})"
+
+    @classmethod
+    def parse(cls, text: str) -> "FeatureRequest":
+        """Inverse of ``str()``: ``"b11.cls.normed"`` → ``FeatureRequest(11, "cls", "normed")``."""
+        match = _REQUEST_PATTERN.match(text.strip())
+        if match is None:
+            raise UserError(f"feature request {text!r}: expected b<block>.<cls|mean|cls+mean>.<raw|normed>, "
+                            "e.g. b11.cls.normed or b-1.mean.raw")
+        return cls(int(match.group(1)), match.group(2), match.group(3))
+
+    def resolve(self, depth: int) -> "FeatureRequest":
+        """The same request with a non-negative block index for a backbone of ``depth`` blocks."""
+        if not -depth <= self.block < depth:
+            raise UserError(f"feature request {self}: block must be in -{depth}..{depth - 1} "
+                            f"for a backbone with {depth} blocks")
+        return FeatureRequest(self.block % depth, self.token, self.norm)
+
+
+#: The options that pick one feature matrix (shared by the evaluators that read a single feature).
+FEATURE_OPTIONS = {
+    "block": Option(-1, int, "block whose tokens are used (-1: the last)"),
+    "token": Option("cls", str, "which token(s)", choices=("cls", "mean", "cls+mean")),
+    "norm": Option("normed", str, "after the final norm or the raw residual stream", choices=("normed", "raw")),
+}
+
+
+def feature_request(opts: dict[str, Any], depth: int):
+    """The :class:`FeatureRequest` named by an evaluator's :data:`FEATURE_OPTIONS` values.
+
+    A block outside ``-depth .. depth-1`` is a user error naming the key (``block``), not an index error later.
+    """
+    block = opts["block"]
+    if not -depth <= block < depth:
+        raise UserError(f"block: got {block}, expected -{depth}..{depth - 1} for a backbone with {depth} blocks")
+    return FeatureRequest(block % depth, opts["token"], opts["norm"])
+
+
+@dataclass(frozen=True)
+class Split:
+    """Features of one split: ``features[request] -> (N, D)`` and labels (N,)."""
+
+    features: dict
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What an evaluator may check before training: a split's number of images and images per class."""
+
+    num_samples: int
+    class_counts: tuple[int, ...]
+
+    @classmethod
+    def of(cls, labels: torch.Tensor) -> "DataSummary":
+        labels = labels[labels >= 0]
+        counts = torch.bincount(labels).tolist() if labels.numel() else []
+        return cls(int(labels.numel()), tuple(int(c) for c in counts))
+
+    @property
+    def num_classes(self) -> int:
+        return sum(1 for c in self.class_counts if c > 0)
+
+
+@dataclass
+class MetricValue:
+    """One result: ``metric`` (e.g. ``top1``), ``variant`` (e.g. ``k=20,b11.cls.normed``), ``value``.
+
+    ``selection_split`` names the data that chose any hyperparameter (``"none"`` when nothing was selected).
+    """
+
+    metric: str
+    value: float
+    variant: str = ""
+    selection_split: str = "none"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Evaluator:
+    """Base class of evaluators. Subclasses set ``name`` and ``options`` and implement the two methods."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    options: ClassVar[dict[str, Option]] = {}
+
+    def __init__(self, opts: dict[str, Any]):
+        self.opts = dict(opts)
+
+    def requests(self, depth: int) -> list:
+        """The :class:`FeatureRequest`s this evaluation needs, for a backbone of ``depth`` blocks."""
+        raise NotImplementedError
+
+    def check_data(self, train: DataSummary, test: DataSummary) -> None:
+        """Pre-flight: raise :class:`sslbench.core.errors.UserError` naming the option (``k: ...``) when the options
+        cannot work on this data (``train`` is the evaluation training set). Called before any training, so a run
+        never trains for hours to fail at its evaluation. The default checks nothing."""
+
+    def evaluate(self, train: Split, test: Split) -> list[MetricValue]:
+        raise NotImplementedError

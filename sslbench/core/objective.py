@@ -1,0 +1,108 @@
+"""The objective interface: what every training method (first-party or plugin) implements.
+
+An objective is an ``nn.Module`` built from the shared backbone and its validated options. It declares the views it
+needs from data, computes ``{"loss", "logs"}`` from a batch of views, and may act after each optimiser step (EMA
+teachers, queues). The loss math itself lives in pure functions (``sslbench.core.losses``).
+
+A minimal objective::
+
+    class MyObjective(Objective):
+        name = "my_objective"
+        options = {"temperature": Option(0.2, float, "softmax temperature", min=0, min_exclusive=True)}
+
+        def views(self, data):
+            return IndependentCrops(2, ...)
+
+        def forward(self, views, batch):
+            a = self.backbone(views[0]).tokens[:, 0]
+            b = self.backbone(views[1]).tokens[:, 0]
+            return {"loss": my_loss(a, b, self.opts["temperature"]), "logs": {}}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from sslbench.core.errors import RecipeError
+from sslbench.core.options import Option
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What an objective may know about the training data when it declares its views."""
+
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Where in training the objective is: for schedules (EMA momentum, queue top-k) and distributed gathers."""
+
+    stage_index: int
+    steps_per_epoch: int
+    total_steps: int
+    num_processes: int
+    process_index: int
+    seed: int
+
+
+class Objective(nn.Module):
+    """Base class of training objectives. Subclasses set ``name``, ``options`` and implement ``views``/``forward``.
+
+    ``fixed_options`` names options that shape modules (head widths, blocks): when two consecutive stages use the
+    same objective, the objective and its state (heads, queues, teachers) carry over and only the other options
+    may change.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    options: ClassVar[dict[str, Option]] = {}
+    fixed_options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, backbone: nn.Module, opts: dict[str, Any], context: StageContext):
+        super().__init__()
+        self.backbone = backbone
+        self.opts = dict(opts)
+        self.context = context
+
+    # --- what the objective needs -------------------------------------------------------------------------
+    def views(self, data: DataInfo):
+        """The view pipeline: a callable ``(images_float, rng) -> list[Tensor]`` from ``sslbench.data.views``."""
+        raise NotImplementedError
+
+    def forward(self, views: list[torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Return ``{"loss": scalar tensor, "logs": {name: float or 0-d tensor}}``."""
+        raise NotImplementedError
+
+    # --- hooks the trainer calls --------------------------------------------------------------------------
+    def after_step(self, step: int) -> None:
+        """Called after every optimiser step with the stage-local step (EMA updates, schedules)."""
+
+    def start_stage(self, opts: dict[str, Any], context: StageContext) -> None:
+        """A following stage reuses this objective: take its options, refusing changes to ``fixed_options``."""
+        for key in self.fixed_options:
+            if opts.get(key) != self.opts.get(key):
+                raise RecipeError(
+                    f"stages[{context.stage_index}].options.{key}",
+                    f"cannot change from {self.opts.get(key)!r} to {opts.get(key)!r} while the {self.name!r} "
+                    "objective carries over from the previous stage (it shapes its modules)")
+        self.opts = dict(opts)
+        self.context = context
+
+    def head_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Named parameters that are not the backbone's (heads, decoders, tokens): they get ``head_weight_decay``."""
+        for name, param in self.named_parameters():
+            if not name.startswith("backbone."):
+                yield name, param
+
+    def no_weight_decay(self) -> set[str]:
+        """Extra parameter names (of this module) that get no weight decay, beyond biases, norms and tokens."""
+        return set()

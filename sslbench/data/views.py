@@ -1,0 +1,171 @@
+"""The view pipelines objectives declare (N independent crops, one shared crop with per-view photometric
+transforms, multi-crop), the deterministic evaluation view, and the seed papers' augmentation recipes.
+
+Pipelines take uint8 or float images ``(B, C, H, W)`` and a random source and return a list of float views; the
+transforms they are built from live in :mod:`sslbench.data.transforms` (re-exported here for convenience).
+
+>>> import torch
+>>> pipeline = mae_views(28)
+>>> views = pipeline(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.Generator().manual_seed(0))
+>>> len(views), tuple(views[0].shape)
+(1, (4, 1, 28, 28))
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch import Tensor
+
+from sslbench.data.transforms import (  # noqa: F401 (re-exported: objectives import transforms and pipelines from one place)
+    GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, CenterCrop, ColorJitter, Compose, GaussianBlur, Grayscale,
+    HorizontalFlip, Normalize, PerSampleRandom, Random, RandomResizedCrop, Resize, Solarize, Transform,
+    normalization_stats, to_float)
+
+
+# -------------------------------------------------------------------------------------------------- pipelines
+
+def _one_per_view(transforms: Transform | Sequence[Transform], n: int, what: str) -> list[Transform]:
+    if callable(transforms):
+        return [transforms] * n
+    transforms = list(transforms)
+    if len(transforms) != n:
+        raise ValueError(f"{what}: {len(transforms)} transforms given for {n} views")
+    return transforms
+
+
+class ViewPipeline:
+    """Base: uint8 or float ``(B, C, H, W)`` images + random source → ``list`` of float views.
+
+    Pipelines do not normalise on their own: end each view's transform with :class:`Normalize` (the factories
+    below do), so an objective controls exactly what its views contain.
+    """
+
+    num_views: int
+
+    def __call__(self, images: Tensor, rng: Random) -> list[Tensor]:
+        raise NotImplementedError
+
+
+class IndependentCrops(ViewPipeline):
+    """``n`` views, each an independent draw of ``transform`` (or of its own transform when a list is given).
+
+    MAE: one view, RRC(0.2, 1) + flip. MAE-CT: two views, RRC(0.08, 1) + flip.
+    """
+
+    def __init__(self, n: int, transform: Transform | Sequence[Transform]):
+        self.transforms = _one_per_view(transform, n, "IndependentCrops")
+        self.num_views = len(self.transforms)
+
+    def __call__(self, images: Tensor, rng: Random) -> list[Tensor]:
+        x = to_float(images)
+        return [t(x, rng) for t in self.transforms]
+
+
+class SharedCrop(ViewPipeline):
+    """One geometric ``crop`` shared by all views, then one photometric transform per view.
+
+    Patch ``i`` of every view shows the same image region — ConMIM's student (plain) and teacher (strongly
+    jittered) branches rely on this.
+    """
+
+    def __init__(self, crop: Transform, per_view: Sequence[Transform]):
+        self.crop, self.per_view = crop, list(per_view)
+        self.num_views = len(self.per_view)
+
+    def __call__(self, images: Tensor, rng: Random) -> list[Tensor]:
+        crop = self.crop(to_float(images), rng)
+        return [t(crop, rng) for t in self.per_view]
+
+
+class MultiCrop(ViewPipeline):
+    """``global_n`` global views then ``local_n`` smaller local views (Caron et al. 2020, multi-crop).
+
+    ``global_transform`` may be a list with one transform per global view (MIM-Refiner blurs view 1 always and
+    view 2 with p 0.1, and solarises only view 2). Views are returned globals first.
+    """
+
+    def __init__(self, global_n: int, global_transform: Transform | Sequence[Transform], local_n: int = 0,
+                 local_transform: Transform | None = None):
+        if local_n and local_transform is None:
+            raise ValueError("MultiCrop: local_n > 0 needs a local_transform")
+        self.global_transforms = _one_per_view(global_transform, global_n, "MultiCrop global views")
+        self.local_transform, self.num_global, self.num_local = local_transform, global_n, local_n
+        self.num_views = global_n + local_n
+
+    def __call__(self, images: Tensor, rng: Random) -> list[Tensor]:
+        x = to_float(images)
+        return [t(x, rng) for t in self.global_transforms] + [self.local_transform(x, rng)
+                                                               for _ in range(self.num_local)]
+
+
+class EvalTransform:
+    """Deterministic view for feature extraction: resize the shorter side to ``size / crop_fraction``, take the
+    central ``size`` square, normalise. ``crop_fraction=0.875`` is the ImageNet protocol (256 → 224)."""
+
+    def __init__(self, size: int, crop_fraction: float = 1.0, interpolation: str = "bicubic",
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        self.resize = Resize(int(round(size / crop_fraction)), interpolation)
+        self.crop, self.normalize = CenterCrop(size), Normalize(mean, std)
+
+    def __call__(self, images: Tensor, rng: Random | None = None) -> Tensor:
+        return self.normalize(self.crop(self.resize(to_float(images))))
+
+
+# ---------------------------------------------------------------------------------------- the papers' recipes
+# Every factory takes the dataset's normalisation (`mean`, `std`; None = defaults by channel count).
+
+def _crop_flip(size: int, scale: tuple[float, float], flip: bool = True) -> list[Transform]:
+    crop: list[Transform] = [RandomResizedCrop(size, scale, interpolation="bicubic")]
+    return crop + [HorizontalFlip(0.5)] if flip else crop
+
+
+def _strong_photometric(blur_p: float, solarize_p: float) -> list[Transform]:
+    """BYOL/DINO-style colour augmentation: jitter p 0.8 (0.4, 0.4, 0.2, 0.1), grey p 0.2, blur, solarise."""
+    out: list[Transform] = [ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8), Grayscale(0.2), GaussianBlur(blur_p)]
+    return out + [Solarize(solarize_p)] if solarize_p > 0 else out
+
+
+def mae_views(size: int, mean=None, std=None) -> IndependentCrops:
+    """MAE (He et al. 2021): one view, RRC(0.2, 1) bicubic + flip."""
+    return IndependentCrops(1, Compose([*_crop_flip(size, (0.2, 1.0)), Normalize(mean, std)]))
+
+
+def maect_views(size: int, mean=None, std=None) -> IndependentCrops:
+    """MAE-CT (Lehner et al. 2023): two independent views, RRC(0.08, 1) + flip only."""
+    return IndependentCrops(2, Compose([*_crop_flip(size, (0.08, 1.0)), Normalize(mean, std)]))
+
+
+def micl_views(size: int, mean=None, std=None, scale: tuple[float, float] = (0.2, 1.0),
+               flip: bool = True) -> IndependentCrops:
+    """MiCL (Yang & Xu 2024): one RRC(0.2, 1) + flip view; its two views are disjoint token subsets of it,
+    made by the objective, not here."""
+    return IndependentCrops(1, Compose([*_crop_flip(size, scale, flip), Normalize(mean, std)]))
+
+
+def conmim_views(size: int, mean=None, std=None, scale: tuple[float, float] = (0.08, 1.0),
+                 flip: bool = True) -> SharedCrop:
+    """ConMIM (Yi et al. 2023): one RRC(0.08, 1) + flip shared; view 0 (student) plain, view 1 (teacher) jitter
+    p 0.8, grey 0.2, blur 0.1, solarise 0.2. Jitter strengths (0.4, 0.4, 0.2, 0.1) are BYOL's — assumed."""
+    teacher = Compose([*_strong_photometric(blur_p=0.1, solarize_p=0.2), Normalize(mean, std)])
+    return SharedCrop(Compose(_crop_flip(size, scale, flip)), [Normalize(mean, std), teacher])
+
+
+def mimrefiner_views(global_size: int = 224, local_size: int = 96, global_n: int = 2, local_n: int = 10,
+                     mean=None, std=None) -> MultiCrop:
+    """MIM-Refiner (Alkin et al. 2024): global RRC(0.25, 1) bicubic + flip + jitter/grey, blur always on even
+    global views (view 1 in the paper's counting) and p 0.1 on odd ones, which are also solarised with p 0.2;
+    local RRC(0.05, 0.25) + flip + jitter/grey + blur p 0.5."""
+    globals_ = [Compose([RandomResizedCrop(global_size, (0.25, 1.0)), HorizontalFlip(0.5),
+                         *_strong_photometric(blur_p=1.0 if i % 2 == 0 else 0.1,
+                                              solarize_p=0.0 if i % 2 == 0 else 0.2), Normalize(mean, std)])
+                for i in range(global_n)]
+    local = Compose([*_crop_flip(local_size, (0.05, 0.25)), *_strong_photometric(blur_p=0.5, solarize_p=0.0),
+                     Normalize(mean, std)])
+    return MultiCrop(global_n, globals_, local_n, local)
+
+
+VIEW_FACTORIES: dict[str, Callable[..., ViewPipeline]] = {
+    "mae": mae_views, "maect": maect_views, "micl": micl_views, "conmim": conmim_views,
+    "mimrefiner": mimrefiner_views,
+}

@@ -1,0 +1,339 @@
+"""TOML recipes → validated, resolved recipes with a canonical hash.
+
+A recipe is the whole experiment: ``[run]``, ``[backbone]``, ``[data]``, one or more ``[[stages]]`` and the
+``[[eval]]`` list. Every key is checked against a declared schema (``sslbench.core.options.Option``); objectives,
+evaluators and data sources bring their own option schemas through the plugin registry. Problems raise
+:class:`RecipeError` naming the key path (``stages[1].optimizer.lr``) and what is allowed.
+
+A stage inherits every key it leaves out from the stage before it (its options too, when the objective is the
+same), so a two-stage refinement recipe only writes what changes. The resolved recipe has everything filled in;
+``recipe_hash`` identifies the run and ``protocol_hash`` the evaluation protocol (data, preprocessing, evaluators) —
+leaderboard rows are comparable only when their protocol hashes match.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from sslbench.core.errors import RecipeError, UserError
+from sslbench.core.options import Option, validate_options
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RUN = {
+    "name": Option(None, str, "run name: one folder name (letters, digits, _ . + = -); the run folder is "
+                   "<output_dir>/<name>", required=True),
+    "seed": Option(0, int, "seed of data order, augmentations, masks and initialisation", min=0),
+    "output_dir": Option("results/runs", str, "folder that holds the run folders"),
+    "checkpoint_every": Option(0, int, "save a resumable checkpoint every N optimiser steps (0: stage ends only)",
+                               min=0),
+    "log_every": Option(10, int, "write a metrics-log line every N steps", min=1),
+    "trackers": Option([], list, "Accelerate trackers to log to", item_type=str),
+    "mixed_precision": Option("auto", str, "auto: bf16 on GPU, fp32 on CPU (bf16 is slow on CPUs without it)",
+                              choices=("auto", "no", "bf16", "fp16")),
+    "cpu": Option(False, bool, "force the CPU even when a GPU is present"),
+    "evaluate": Option("end", str, "when to run the evaluations", choices=("end", "each_stage", "never")),
+}
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
+
+BACKBONE = {
+    "model": Option(None, str, "timm VisionTransformer name, e.g. vit_large_patch16_224", required=True),
+    "img_size": Option(None, int, "input resolution (default: the model's)", min=8, nullable=True),
+    "patch_size": Option(None, int, "patch size (default: the model's)", min=1, nullable=True),
+    "in_chans": Option(None, int, "input channels (default: the model's)", min=1, nullable=True),
+    "embed_dim": Option(None, int, "width (default: the model's)", min=8, nullable=True),
+    "depth": Option(None, int, "number of blocks (default: the model's)", min=1, nullable=True),
+    "num_heads": Option(None, int, "attention heads (default: the model's)", min=1, nullable=True),
+    "pos_embed": Option("learned", str, "position embedding (MAE and MiCL use fixed 2-D sin-cos)",
+                        choices=("learned", "sincos")),
+    "checkpoint": Option(None, str, "weights to start from (path)", nullable=True),
+    "checkpoint_format": Option("timm", str, "format of the checkpoint (see `sslbench list`)"),
+    "checkpoint_trusted": Option(False, bool, "load backbone.checkpoint even though it pickles Python objects "
+                                              "besides tensors (fairseq's data2vec 2.0 files); unpickling runs "
+                                              "code from the file: only for a file from a trusted source. Applies "
+                                              "to this file only, never to one given on the command line"),
+}
+
+DATA = {
+    "train": Option(None, dict, "training data: { source = ..., <source options> }", required=True),
+    "test": Option(None, dict, "evaluation queries: { source = ..., <source options> }", required=True),
+    "eval_train": Option(None, dict, "evaluation memory/training set (default: train)", nullable=True),
+    "image_size": Option(None, int, "size of training views and evaluation images (default: backbone img_size)",
+                         min=8, nullable=True),
+    "mean": Option(None, list, "normalisation mean per channel (default: ImageNet's, or 0.5 for 1 channel)",
+                   item_type=float, nullable=True),
+    "std": Option(None, list, "normalisation std per channel", item_type=float, nullable=True),
+    "eval_batch_size": Option(256, int, "batch size of feature extraction", min=1),
+}
+
+STAGE = {
+    "name": Option(None, str, "stage name (default: stage<i>)", nullable=True),
+    "objective": Option(None, str, "training objective (see `sslbench list`)", required=True),
+    "epochs": Option(None, float, "length in epochs (or give steps)", min=0, nullable=True),
+    "steps": Option(None, int, "length in optimiser steps (overrides epochs)", min=1, nullable=True),
+    "batch_size": Option(256, int, "global batch size (all processes, all accumulation steps)", min=1),
+    "grad_accum": Option(1, int, "gradient accumulation steps", min=1),
+    "freeze": Option([], list, "frozen parts: backbone, stem, heads, blocks[:K], blocks[:P%], or name globs",
+                     item_type=str),
+    "layer_decay": Option(1.0, float, "layer-wise LR decay (block k: decay^(depth-k), stem: decay^(depth+1))",
+                          min=0, max=1, min_exclusive=True),
+    "ema_momentum": Option(0.0, float, "EMA of the backbone (0: off); evaluated when eval uses it", min=0, max=1),
+    "clip_grad": Option(0.0, float, "gradient-norm clipping (0: off)", min=0),
+    "optimizer": Option({}, dict, "optimizer table"),
+    "schedule": Option({}, dict, "learning-rate schedule table"),
+    "options": Option({}, dict, "the objective's own options"),
+}
+
+OPTIMIZER = {
+    "name": Option("adamw", str, "optimizer", choices=("adamw", "sgd")),
+    "lr": Option(None, float, "base learning rate", min=0, min_exclusive=True, required=True),
+    "betas": Option([0.9, 0.999], list, "AdamW betas", item_type=float, min=0, max=1),
+    "eps": Option(1e-8, float, "AdamW epsilon", min=0, min_exclusive=True),
+    "momentum": Option(0.9, float, "SGD momentum", min=0, max=1),
+    "weight_decay": Option(0.05, float, "weight decay of the backbone's weights", min=0),
+    "head_weight_decay": Option(None, float, "weight decay of heads/decoders (default: weight_decay)", min=0,
+                                nullable=True),
+    "scale_lr_by_batch": Option(False, bool, "multiply lr (and final_lr) by batch_size/256"),
+}
+
+SCHEDULE = {
+    "kind": Option("cosine", str, "decay after warmup", choices=("cosine", "constant", "linear")),
+    "warmup_epochs": Option(0.0, float, "linear warmup length in epochs", min=0),
+    "warmup_fraction": Option(None, float, "linear warmup as a fraction of the stage (overrides warmup_epochs)",
+                              min=0, max=1, nullable=True),
+    "final_lr": Option(0.0, float, "learning rate at the end of a cosine/linear decay", min=0),
+}
+
+EVAL_COMMON = {
+    "name": Option(None, str, "evaluator (see `sslbench list`)", required=True),
+    "use_ema": Option(False, bool, "evaluate the EMA of the backbone (needs ema_momentum > 0 in the last stage)"),
+}
+
+SECTIONS = {"run": RUN, "backbone": BACKBONE, "data": DATA}
+TOP_LEVEL = ("run", "backbone", "data", "stages", "eval")
+# Keys that do not change what is computed, left out of the recipe hash.
+COSMETIC = {"run": ("output_dir", "checkpoint_every", "log_every", "trackers"), "backbone": ("checkpoint_trusted",)}
+
+
+#: A run name is one path component: no separators, no "." or "..", nothing hidden, so a run folder always lies
+#: directly inside run.output_dir and ``--force`` can only ever remove that folder.
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,127}")
+
+
+def check_run_name(name: str, key: str = "run.name") -> str:
+    """Return ``name`` if it is a safe run-folder name, else raise :class:`RecipeError` naming ``key``."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+        raise RecipeError(key, f"got {name!r}, expected one folder name of 1-128 letters, digits and _ . + = - "
+                               "(not starting with . or -)")
+    return name
+
+
+def canonical_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON form (sorted keys, no whitespace)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_toml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a UTF-8 text file (byte {exc.start}); a recipe is TOML, which is UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML: {' '.join(str(exc).split())}") from None
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _plugin(registry, kind: str, name: str, key: str):
+    if name not in registry.entries[kind]:
+        known = ", ".join(registry.names(kind)) or "(none registered)"
+        raise RecipeError(key, f"unknown {kind.replace('_', ' ')} {name!r}; registered: {known}")
+    return registry.entries[kind][name].factory
+
+
+def _resolve_source(registry, table: dict, key: str) -> dict:
+    table = dict(table)
+    if "source" not in table:
+        raise RecipeError(f"{key}.source", f"missing; expected one of {', '.join(registry.names('dataset'))}")
+    source = table.pop("source")
+    if not isinstance(source, str):
+        raise RecipeError(f"{key}.source", f"got {source!r}, expected a string")
+    data_source = _plugin(registry, "dataset", source, f"{key}.source")
+    return {"source": source, **validate_options(data_source.options, table, key)}
+
+
+def _resolve_stages(registry, stages: Any) -> list[dict]:
+    if not isinstance(stages, list) or not stages:
+        raise RecipeError("stages", "expected at least one [[stages]] table")
+    resolved, previous = [], None
+    for i, raw in enumerate(stages):
+        key = f"stages[{i}]"
+        if not isinstance(raw, dict):
+            raise RecipeError(key, "expected a table")
+        if previous is not None:
+            inherited = {k: v for k, v in previous.items() if k not in ("name", "options")}
+            if raw.get("objective", previous["objective"]) == previous["objective"]:
+                inherited["options"] = previous["options"]
+            raw = _merge(inherited, raw)
+        stage = validate_options(STAGE, raw, key)
+        stage["name"] = stage["name"] or f"stage{i}"
+        if stage["steps"] is None and not stage["epochs"]:
+            raise RecipeError(f"{key}.epochs", "give the stage's length as epochs > 0 or steps >= 1")
+        stage["optimizer"] = validate_options(OPTIMIZER, stage["optimizer"], f"{key}.optimizer")
+        if len(stage["optimizer"]["betas"]) != 2:
+            raise RecipeError(f"{key}.optimizer.betas", "expected a list of two numbers in [0, 1]")
+        stage["schedule"] = validate_options(SCHEDULE, stage["schedule"], f"{key}.schedule")
+        objective = _plugin(registry, "objective", stage["objective"], f"{key}.objective")
+        stage["options"] = validate_options(objective.options, stage["options"], f"{key}.options")
+        if stage["batch_size"] % stage["grad_accum"]:
+            raise RecipeError(f"{key}.grad_accum", f"must divide batch_size {stage['batch_size']}")
+        resolved.append(stage)
+        previous = stage
+    return resolved
+
+
+def _resolve_evals(registry, evals: Any) -> list[dict]:
+    if evals is None:
+        return []
+    if not isinstance(evals, list):
+        raise RecipeError("eval", "expected a list of [[eval]] tables")
+    out = []
+    for i, raw in enumerate(evals):
+        key = f"eval[{i}]"
+        if not isinstance(raw, dict):
+            raise RecipeError(key, "expected a table")
+        name = raw.get("name")
+        if not isinstance(name, str):
+            raise RecipeError(f"{key}.name", f"missing; expected one of {', '.join(registry.names('evaluator'))}")
+        evaluator = _plugin(registry, "evaluator", name, f"{key}.name")
+        schema = {**EVAL_COMMON, **evaluator.options}
+        out.append(validate_options(schema, raw, key))
+    return out
+
+
+def resolve(raw: dict, registry, source: str | None = None, check_files: bool = True) -> dict:
+    """Validate a parsed recipe and fill in every default. Raises :class:`RecipeError` naming ``source``."""
+    try:
+        unknown = sorted(set(raw) - set(TOP_LEVEL))
+        if unknown:
+            raise RecipeError(unknown[0], f"unknown section; allowed: {', '.join(TOP_LEVEL)}")
+        recipe = {name: validate_options(schema, raw.get(name), name) for name, schema in SECTIONS.items()}
+        check_run_name(recipe["run"]["name"])
+        for i, tracker in enumerate(recipe["run"]["trackers"]):
+            if tracker not in TRACKERS:
+                raise RecipeError(f"run.trackers[{i}]", f"got {tracker!r}, expected one of {', '.join(TRACKERS)}")
+        backbone = recipe["backbone"]
+        _plugin(registry, "checkpoint_format", backbone["checkpoint_format"], "backbone.checkpoint_format")
+        if check_files and backbone["checkpoint"] and not Path(backbone["checkpoint"]).is_file():
+            raise RecipeError("backbone.checkpoint", f"file not found: {backbone['checkpoint']}")
+        data = recipe["data"]
+        for split in ("train", "test", "eval_train"):
+            if data[split] is not None:
+                data[split] = _resolve_source(registry, data[split], f"data.{split}")
+        for name in ("mean", "std"):
+            if data[name] is not None and backbone["in_chans"] and len(data[name]) != backbone["in_chans"]:
+                raise RecipeError(f"data.{name}", f"expected {backbone['in_chans']} values (backbone.in_chans)")
+        recipe["stages"] = _resolve_stages(registry, raw.get("stages"))
+        recipe["eval"] = _resolve_evals(registry, raw.get("eval"))
+        if any(e["use_ema"] for e in recipe["eval"]) and not recipe["stages"][-1]["ema_momentum"]:
+            i = next(i for i, e in enumerate(recipe["eval"]) if e["use_ema"])
+            raise RecipeError(f"eval[{i}].use_ema", "the last stage keeps no EMA: set its ema_momentum > 0")
+    except RecipeError as exc:
+        raise exc.with_source(source) if source else exc
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, registry=None, check_files: bool = True) -> dict:
+    """Read, validate and resolve a recipe file."""
+    from sslbench.core.registry import get_registry
+
+    registry = registry or get_registry()
+    return resolve(load_toml(path), registry, source=str(path), check_files=check_files)
+
+
+def hashed_form(recipe: dict) -> dict:
+    """The recipe without its cosmetic keys (output folder, logging cadence, trust): what the recipe hash covers."""
+    stripped = copy.deepcopy(recipe)
+    for section, keys in COSMETIC.items():
+        for key in keys:
+            stripped.get(section, {}).pop(key, None)
+    return stripped
+
+
+def recipe_hash(recipe: dict) -> str:
+    """Identifies what a run computes: everything except cosmetic keys (output folder, logging cadence)."""
+    return canonical_hash(hashed_form(recipe))
+
+
+def protocol_hash(recipe: dict) -> str:
+    """Identifies the evaluation protocol: evaluation data, preprocessing and evaluators with their options."""
+    data = recipe["data"]
+    protocol = {
+        "eval_train": data["eval_train"] or data["train"],
+        "test": data["test"],
+        "image_size": data["image_size"] or recipe["backbone"]["img_size"],
+        "mean": data["mean"], "std": data["std"],
+        "eval": [{k: v for k, v in e.items() if k != "use_ema"} for e in recipe["eval"]],
+    }
+    return canonical_hash(protocol)
+
+
+def to_toml(recipe: dict) -> str:
+    """Write a resolved recipe back as TOML (None values are left out: TOML has no null)."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items() if x is not None) + " }"
+        raise TypeError(type(v))
+
+    def table(header: str, body: dict) -> None:
+        lines.append(header)
+        for k, v in body.items():
+            if v is not None and not (isinstance(v, dict) and k in ("optimizer", "schedule", "options")):
+                lines.append(f"{k} = {value(v)}")
+        lines.append("")
+
+    for section in ("run", "backbone", "data"):
+        table(f"[{section}]", recipe[section])
+    for stage in recipe["stages"]:
+        table("[[stages]]", stage)
+        for sub in ("optimizer", "schedule", "options"):
+            table(f"[stages.{sub}]", stage[sub])
+    for evaluation in recipe["eval"]:
+        table("[[eval]]", evaluation)
+    return "\n".join(lines)
