@@ -29,6 +29,7 @@ from sslbench.core.registry import get_registry
 from sslbench.training.recipe import resolve
 from sslbench.training.assembly import build_model, data_info, load_datasets, make_accelerator
 from sslbench.training.trainer import Progress, StageTrainer, step_rng
+from sslbench.core.objective import Batch
 
 
 def arguments(description: str, batch_size: int) -> argparse.Namespace:
@@ -91,7 +92,7 @@ def compare(raw_recipe: dict, title: str, args: argparse.Namespace) -> float:
         for step, batch in enumerate(batches):
             rng = step_rng(0, step, batch["index"])
             views = views_fn(batch["images"].float().div_(255), rng)
-            out = bare_objective(views, {**batch, "rng": rng})
+            out = bare_objective(views, Batch(index=batch["index"], rng=rng))
             out["loss"].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -59,9 +59,9 @@ class ConMIM(Objective):
         super().__init__(backbone, opts, context)
         masked = round(opts["mask_ratio"] * backbone.num_patches)
         if not 1 <= masked < backbone.num_patches:
-            raise sslbench.RecipeError("options.mask_ratio", f"{opts['mask_ratio']} masks {masked} of the "
-                                       f"{backbone.num_patches} patches; the loss needs at least one masked and "
-                                       "one visible patch")
+            raise self.option_error("mask_ratio", f"{opts['mask_ratio']} masks {masked} of the "
+                                                  f"{backbone.num_patches} patches; the loss needs at least one "
+                                                  "masked and one visible patch")
         self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.projector = convert_sync_batchnorm(conmim_projector(backbone.embed_dim, opts["proj_hidden"],
@@ -84,7 +84,7 @@ class ConMIM(Objective):
 
     def mask(self, batch_size: int, batch: dict, device: torch.device) -> torch.Tensor:
         """(B, N) block-wise mask, from a generator seeded by the step's keyed streams."""
-        seed = int(batch["rng"].randint(1 << 24, 1).sum())
+        seed = int(batch.rng.randint(1 << 24, 1).sum())
         unit = max(1, round(self.opts["mask_unit_px"] / self.backbone.patch_size))
         grid_h, grid_w = self.backbone.grid_size
         return blockwise_mask(batch_size, grid_h, grid_w, self.opts["mask_ratio"], unit,

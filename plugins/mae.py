@@ -46,7 +46,7 @@ class MAE(Objective):
         super().__init__(backbone, opts, context)
         dim, width = backbone.embed_dim, opts["decoder_dim"]
         if width % opts["decoder_heads"]:
-            raise sslbench.RecipeError("options.decoder_heads", f"must divide decoder_dim {width}")
+            raise self.option_error("decoder_heads", f"must divide decoder_dim {width}")
         patch_dim = backbone.patch_size ** 2 * backbone.in_chans
         self.decoder_embed = nn.Linear(dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -83,7 +83,7 @@ class MAE(Objective):
         b, n = images.shape[0], self.backbone.num_patches
         keep = int(n * (1 - self.opts["mask_ratio"]))
         # Per-sample random shuffle (MAE): the kept tokens are the first `keep` of the sorted noise.
-        noise = batch["rng"].rand(n).to(images.device)
+        noise = batch.rng.rand(n).to(images.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :keep]

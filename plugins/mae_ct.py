@@ -50,8 +50,7 @@ import sslbench
 from sslbench.core import distributed
 from sslbench.core.distributed import ignore_in_ddp
 from sslbench.core.losses import symmetric_nnclr_loss
-from sslbench.core.modules import (NNQueue, convert_sync_batchnorm, maect_predictor, maect_projector,
-                              parameters_as_buffers)
+from sslbench.core.modules import EMA, NNQueue, convert_sync_batchnorm, maect_predictor, maect_projector
 from sslbench.core.objective import DataInfo, Objective
 from sslbench.core.options import Option
 from sslbench.data.views import maect_views
@@ -81,9 +80,7 @@ class MAECT(Objective):
         self.projector = convert_sync_batchnorm(maect_projector(backbone.embed_dim, opts["proj_hidden"],
                                                                 opts["proj_out"]))
         self.predictor = convert_sync_batchnorm(maect_predictor(opts["proj_out"], opts["pred_hidden"]))
-        self.target_projector = parameters_as_buffers(convert_sync_batchnorm(maect_projector(
-            backbone.embed_dim, opts["proj_hidden"], opts["proj_out"])))
-        self.target_projector.load_state_dict(self.projector.state_dict())
+        self.target_projector = EMA(self.projector, opts["target_momentum"])
         self.queue = NNQueue(opts["queue_size"], opts["proj_out"], normalize=True)
         ignore_in_ddp(self, [n for n, _ in self.named_buffers() if n.startswith(("queue.", "target_projector."))])
 
@@ -107,8 +104,8 @@ class MAECT(Objective):
                 targets = [self.target_projector(f.detach()) for f in features]
             else:
                 targets = [z.detach() for z in projected]
-        ids = batch["index"]
-        uniform = batch["rng"].rand(2) if o["topk"] > 1 and "rng" in batch else None    # (B, 2)
+        ids = batch.index
+        uniform = batch.rng.rand(2) if o["topk"] > 1 else None                          # (B, 2)
         nn0, nn1 = (self.queue.lookup(t, ids, topk=o["topk"], uniform=None if uniform is None else uniform[:, v])
                     for v, t in enumerate(targets))
         loss = symmetric_nnclr_loss(nn0, nn1, predicted[0], predicted[1], o["temperature"])
@@ -119,12 +116,7 @@ class MAECT(Objective):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Move the target projector towards the projector (a plain copy when ``target_momentum`` is 0)."""
-        m = self.opts["target_momentum"]
-        target = dict(self.target_projector.named_buffers())
-        for name, param in self.projector.named_parameters():
-            target[name].lerp_(param.detach().to(target[name].dtype), 1.0 - m)
-        for name, buffer in self.projector.named_buffers():
-            target[name].copy_(buffer)
+        self.target_projector.update(self.projector, self.opts["target_momentum"])
 
 
 @sslbench.hookimpl

@@ -45,15 +45,15 @@ class MiCL(Objective):
         super().__init__(backbone, opts, context)
         # Fail when the recipe is checked, not at the first step: each view needs at least one patch.
         if opts["mask_ratio"] >= 1 or split_size(backbone.num_patches, opts["mask_ratio"], 2) < 1:
-            raise sslbench.RecipeError("options.mask_ratio", f"{opts['mask_ratio']} leaves fewer than 2 of the "
-                                       f"{backbone.num_patches} patches, but each of the two views needs one")
+            raise self.option_error("mask_ratio", f"{opts['mask_ratio']} leaves fewer than 2 of the "
+                                                  f"{backbone.num_patches} patches, but each of the two views needs one")
 
     def views(self, data: DataInfo):
         return micl_views(data.image_size, data.mean, data.std, tuple(self.opts["crop_scale"]), self.opts["flip"])
 
     def forward(self, views, batch):
         images = views[0]
-        noise = batch["rng"].rand(self.backbone.num_patches).to(images.device)
+        noise = batch.rng.rand(self.backbone.num_patches).to(images.device)
         mask = split_mask_from_noise(noise, self.opts["mask_ratio"], 2)
         cls = self.backbone(images, mask=mask).cls                # (2B, D), split-major: view 1 then view 2
         first, second = cls.chunk(2)

@@ -57,7 +57,6 @@ a stage that trains the encoder (DDP requires every trainable parameter to be us
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import sslbench
@@ -145,29 +144,26 @@ class MIMRefiner(Objective):
             try:
                 self.blocks = sorted(set(backbone.block_indices(opts["head_blocks"])))
             except sslbench.UserError as exc:
-                raise sslbench.RecipeError(self._key("head_blocks"), str(exc)) from None
+                raise self.option_error("head_blocks", str(exc)) from None
         else:
             if len(opts["head_block_range"]) != 2 or opts["head_block_range"][0] > opts["head_block_range"][1]:
-                raise sslbench.RecipeError(self._key("head_block_range"), "expected [start, end] with start <= end")
+                raise self.option_error("head_block_range", "expected [start, end] with start <= end")
             self.blocks = proportional_blocks(depth, *opts["head_block_range"])
         names = (["out"] if opts["output_head"] else []) + [f"block{k}" for k in self.blocks]
         if not names:
-            raise sslbench.RecipeError(self._key("output_head"), "no heads: set output_head or head_blocks")
+            raise self.option_error("output_head", "no heads: set output_head or head_blocks")
         self.heads = nn.ModuleDict({name: IDHead(backbone.embed_dim, opts["proj_hidden"], opts["proj_out"],
                                                  opts["pred_hidden"], opts["queue_size"]) for name in names})
         self._check_stage_options(opts)
         ignore_in_ddp(self, [n for n, _ in self.named_buffers() if ".queue." in n])
 
-    def _key(self, option: str) -> str:
-        return f"stages[{self.context.stage_index}].options.{option}"
-
     def _check_stage_options(self, opts) -> None:
         weights = opts["head_weights"]
         if weights and len(weights) != len(self.heads):
-            raise sslbench.RecipeError(self._key("head_weights"), f"{len(weights)} weights for {len(self.heads)} heads "
-                                       f"({', '.join(self.heads)})")
+            raise self.option_error("head_weights", f"{len(weights)} weights for {len(self.heads)} heads "
+                                                    f"({', '.join(self.heads)})")
         if not view_pairs(opts["global_views"], opts["local_views"], opts["pairing"]):
-            raise sslbench.RecipeError(self._key("global_views"), "one global view and no local view make no pair")
+            raise self.option_error("global_views", "one global view and no local view make no pair")
 
     def start_stage(self, opts, context) -> None:
         super().start_stage(opts, context)
@@ -201,11 +197,11 @@ class MIMRefiner(Objective):
         g, batch_size = o["global_views"], views[0].shape[0]
         if len(views) != g + o["local_views"]:
             raise ValueError(f"expected {g} + {o['local_views']} views, got {len(views)}")
-        ids = batch["index"]
+        ids = batch.index
         pairs = view_pairs(g, len(views) - g, o["pairing"])
         uniform = None
-        if o["topk"] > 1 and "rng" in batch:
-            uniform = batch["rng"].rand(len(self.heads), g).to(views[0].device)     # (B, heads, G)
+        if o["topk"] > 1:
+            uniform = batch.rng.rand(len(self.heads), g).to(views[0].device)     # (B, heads, G)
         weights = o["head_weights"] or [1.0] * len(self.heads)
         total, logs = 0.0, {}
         for h, (name, x) in enumerate(self.head_inputs(views).items()):

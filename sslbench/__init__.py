@@ -17,9 +17,9 @@ from __future__ import annotations
 from sslbench.core.errors import PluginError, RecipeError, UserError
 from sslbench.core.evaluator import Evaluator, MetricValue
 from sslbench.core.hookspecs import hookimpl
-from sslbench.core.objective import DataInfo, Objective, StageContext
+from sslbench.core.objective import Batch, DataInfo, Objective, StageContext
 from sslbench.core.options import Option
 from sslbench.core.version import __version__
 
-__all__ = ["__version__", "hookimpl", "Objective", "Evaluator", "MetricValue", "Option", "DataInfo",
+__all__ = ["__version__", "hookimpl", "Objective", "Evaluator", "MetricValue", "Option", "DataInfo", "Batch",
            "StageContext", "UserError", "RecipeError", "PluginError"]

@@ -139,3 +139,37 @@ def test_recipe_error_carries_the_source():
     with pytest.raises(RecipeError) as info:
         resolve({"run": {}}, get_registry(), source="x.toml")
     assert str(info.value).startswith("x.toml: run.name: missing")
+
+
+# Every committed recipe's hashes as the committed results carry them (results/runs/*/recipe.json): a change to
+# the recipe code that moved one would make existing results incomparable with new runs.
+COMMITTED_HASHES = {
+    "recipes/conmim_vitl.toml": ("06c187bccc91a9c8", "d37415a6f0c5b1dd"),
+    "recipes/fmnist/conmim.toml": ("ac4580830e80f9e3", "9c59d53bf51c1160"),
+    "recipes/fmnist/eval_suite.toml": ("46fbffd68982ef2b", "924a727ef6187618"),
+    "recipes/fmnist/mae.toml": ("3ca4057234814d10", "9c59d53bf51c1160"),
+    "recipes/fmnist/maect.toml": ("68a7cf16c7cf1d30", "cf2738af423bf0bc"),
+    "recipes/fmnist/maect_long.toml": ("b5f423e9cae449a4", "cf2738af423bf0bc"),
+    "recipes/fmnist/micl.toml": ("37c86e31baf31a4a", "9c59d53bf51c1160"),
+    "recipes/fmnist/mimrefiner.toml": ("cb912815d046da5c", "cf2738af423bf0bc"),
+    "recipes/fmnist/refine_eval.toml": ("7466c2370c5e7fe2", "cf2738af423bf0bc"),
+    "recipes/maect_vitl.toml": ("de0325e4b74f9229", "d37415a6f0c5b1dd"),
+    "recipes/micl_vitl.toml": ("0fd6405ffa6f27d6", "d37415a6f0c5b1dd"),
+    "recipes/mimrefiner_d2v2_vith14.toml": ("7642785ef3a10dba", "d37415a6f0c5b1dd"),
+    "recipes/mimrefiner_vitl.toml": ("e17c62cfd8be016e", "d37415a6f0c5b1dd"),
+    "recipes/quickstart.toml": ("4493cb3947b14fb6", "5ddf152b008f0fea"),
+}
+
+
+def test_every_committed_recipe_keeps_its_hashes():
+    from pathlib import Path
+
+    from sslbench.core.registry import get_registry
+    from sslbench.training.recipe import load_recipe, protocol_hash, recipe_hash
+
+    root = Path(__file__).parents[1]
+    shipped = sorted(str(p.relative_to(root)) for p in (root / "recipes").rglob("*.toml"))
+    assert shipped == sorted(COMMITTED_HASHES), "a recipe was added or removed: add its hashes to the table"
+    for name, expected in COMMITTED_HASHES.items():
+        recipe = load_recipe(root / name, get_registry(), check_files=False)
+        assert (recipe_hash(recipe)[:16], protocol_hash(recipe)[:16]) == expected, name

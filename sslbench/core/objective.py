@@ -1,8 +1,10 @@
 """The objective interface: what every training method (first-party or plugin) implements.
 
 An objective is an ``nn.Module`` built from the shared backbone and its validated options. It declares the views it
-needs from data, computes ``{"loss", "logs"}`` from a batch of views, and may act after each optimiser step (EMA
-teachers, queues). The loss math itself lives in pure functions (``sslbench.core.losses``).
+needs from data, computes ``{"loss", "logs"}`` from the views and a :class:`Batch`, and may act after each optimiser
+step (EMA teachers, queues). The whole contract — what the trainer guarantees and what an objective must keep
+(randomness only from ``batch.rng``, losses as pure functions, its own views and heads) — is in
+``docs/objective-contract.md``.
 
 A minimal objective::
 
@@ -22,13 +24,14 @@ A minimal objective::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from sslbench.core.errors import RecipeError
 from sslbench.core.options import Option
+from sslbench.core.rng import KeyedRandom
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,23 @@ class DataInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_samples: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What :meth:`Objective.forward` gets besides the views, for the samples of this process's micro-batch.
+
+    ``index`` (B,): the samples' dataset indices (queue keys, self-exclusion ids). ``rng``: the keyed random streams
+    of this optimiser step and these samples — every mask, noise or pick an objective draws must come from it, so
+    that 1 or N processes, any gradient accumulation and a resumed run draw the same numbers per sample.
+    ``images`` (B, C, H, W) in [0, 1], before the views. ``labels`` are there for diagnostics only: a
+    self-supervised objective never reads them.
+    """
+
+    index: torch.Tensor
+    rng: KeyedRandom
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +98,7 @@ class Objective(nn.Module):
         """The view pipeline: a callable ``(images_float, rng) -> list[Tensor]`` from ``sslbench.data.views``."""
         raise NotImplementedError
 
-    def forward(self, views: list[torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def forward(self, views: list[torch.Tensor], batch: Batch) -> dict[str, Any]:
         """Return ``{"loss": scalar tensor, "logs": {name: float or 0-d tensor}}``."""
         raise NotImplementedError
 
@@ -90,18 +110,17 @@ class Objective(nn.Module):
         """A following stage reuses this objective: take its options, refusing changes to ``fixed_options``."""
         for key in self.fixed_options:
             if opts.get(key) != self.opts.get(key):
-                raise RecipeError(
-                    f"stages[{context.stage_index}].options.{key}",
-                    f"cannot change from {self.opts.get(key)!r} to {opts.get(key)!r} while the {self.name!r} "
-                    "objective carries over from the previous stage (it shapes its modules)")
+                raise self.option_error(key, f"cannot change from {self.opts.get(key)!r} to {opts.get(key)!r} while "
+                                             f"the {self.name!r} objective carries over from the previous stage (it "
+                                             "shapes its modules)", context)
         self.opts = dict(opts)
         self.context = context
 
-    def head_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Named parameters that are not the backbone's (heads, decoders, tokens): they get ``head_weight_decay``."""
-        for name, param in self.named_parameters():
-            if not name.startswith("backbone."):
-                yield name, param
+    def option_error(self, option: str, message: str, context: StageContext | None = None) -> RecipeError:
+        """The error for a bad value of one of this objective's options, naming its recipe key
+        (``stages[i].options.<option>``); raise it."""
+        stage = (context or self.context).stage_index
+        return RecipeError(f"stages[{stage}].options.{option}", message)
 
     def no_weight_decay(self) -> set[str]:
         """Extra parameter names (of this module) that get no weight decay, beyond biases, norms and tokens."""

@@ -19,6 +19,7 @@ from sslbench.core.version import __version__
 from sslbench.core.errors import RecipeError, TrainingDiverged
 from sslbench.evaluation.suite import build_evaluators, preflight_evaluators
 from sslbench.core.io import atomic_torch_save
+from sslbench.core.modules import EMA
 from sslbench.core.objective import DataInfo, StageContext
 from sslbench.training.recipe import recipe_hash
 from sslbench.training.resume import load_resume_state, rng_state, save_resume_state, set_rng_state
@@ -174,11 +175,9 @@ class Run:
 
     def _restore_final_ema(self, state: dict) -> None:
         """A resumed run that had finished training still evaluates the EMA it kept."""
-        from sslbench.training.trainer import EMABackbone
-
         momentum = self.recipe["stages"][-1]["ema_momentum"]
         if state.get("ema") is not None and momentum > 0:
-            self.ema = EMABackbone(self.backbone, momentum)
+            self.ema = EMA(self.backbone, momentum).eval()
             self.ema.module.load_state_dict(state["ema"])
 
     def export_backbone(self) -> Path:

@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from sslbench.core.errors import RecipeError, TrainingDiverged
+from sslbench.core.modules import EMA
+from sslbench.core.objective import Batch
 from sslbench.core.progress import progress_bar
-from sslbench.training.optim import StageSchedule, build_optimizer, frozen_names, param_groups
 from sslbench.core.rng import KeyedRandom
+from sslbench.training.optim import StageSchedule, build_optimizer, frozen_names, param_groups
 
 
 @dataclass
@@ -47,24 +49,6 @@ def stage_length(stage: dict, num_samples: int, key: str = "stages[?]") -> tuple
                           f"{stage['batch_size']} is larger than the {num_samples} training images")
     total = stage["steps"] if stage["steps"] is not None else max(1, round(stage["epochs"] * steps_per_epoch))
     return steps_per_epoch, total
-
-
-class EMABackbone:
-    """Exponential moving average of the backbone's parameters (MIM-Refiner evaluates it), buffers copied."""
-
-    def __init__(self, backbone: nn.Module, momentum: float):
-        import copy
-
-        self.momentum = momentum
-        self.module = copy.deepcopy(backbone).requires_grad_(False).eval()
-
-    @torch.no_grad()
-    def update(self, backbone: nn.Module) -> None:
-        ema_params = dict(self.module.named_parameters())
-        pairs = [(ema_params[n], p.detach()) for n, p in backbone.named_parameters()]
-        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - self.momentum)
-        for (name, buf), (_, src) in zip(self.module.named_buffers(), backbone.named_buffers()):
-            buf.copy_(src)
 
 
 def step_rng(seed: int, step: int, index: torch.Tensor) -> KeyedRandom:
@@ -93,7 +77,7 @@ class StageTrainer:
         self.schedule = StageSchedule(self.optimizer, stage, self.total_steps, self.steps_per_epoch)
         self.model, self.optimizer = accelerator.prepare(objective, self.optimizer)
         self.views = objective.views(data_info)
-        self.ema = EMABackbone(backbone, stage["ema_momentum"]) if stage["ema_momentum"] > 0 else None
+        self.ema = EMA(backbone, stage["ema_momentum"]).eval() if stage["ema_momentum"] > 0 else None
         self.trainable = [p for p in objective.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict:
@@ -135,12 +119,12 @@ class StageTrainer:
             micro = [next(batches) for _ in range(self.stage["grad_accum"])]
             loss_sum, logs_sum = 0.0, {}
             for i, batch in enumerate(micro):
-                batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-                images = batch["images"].float().div_(255)
+                loaded = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+                images = loaded["images"].float().div_(255)
                 # Keyed by the optimiser step, not the micro-step: each sample occurs once per global batch, so
                 # its augmentations and masks are the same whatever the accumulation or the number of processes.
-                rng = step_rng(seed, progress.global_step, batch["index"])
-                batch["rng"] = rng
+                rng = step_rng(seed, progress.global_step, loaded["index"])
+                batch = Batch(index=loaded["index"], rng=rng, images=images, labels=loaded.get("labels"))
                 views = self.views(images, rng)
                 last = i == len(micro) - 1
                 context = acc.no_sync(self.model) if not last else nullcontext()

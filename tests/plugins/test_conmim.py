@@ -14,6 +14,7 @@ from sslbench.core.objective import StageContext
 from sslbench.core.options import validate_options
 from sslbench.core.rng import KeyedRandom
 from sslbench_plugins.conmim import ConMIM
+from sslbench.core.objective import Batch
 
 from .test_registered_objectives import INFO, images
 
@@ -32,7 +33,7 @@ def inputs(objective: ConMIM, step: int = 0):
     index = torch.arange(6)
     rng = KeyedRandom(0, step, index)
     views = objective.views(INFO)(images(6).float() / 255, rng)
-    return views, {"index": index, "rng": rng}
+    return views, Batch(index=index, rng=rng)
 
 
 def test_loss_equals_the_pipeline_written_by_hand():

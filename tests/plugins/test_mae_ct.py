@@ -58,7 +58,7 @@ def train_step(objective, stage_cfg, step: int = 0, lr: float = 0.1):
 def test_target_projector_is_a_buffer_copy_of_the_projector():
     objective = make()
     assert not any(n.startswith("target_projector") for n, _ in objective.named_parameters())
-    target = dict(objective.target_projector.named_buffers())
+    target = dict(objective.target_projector.module.named_buffers())
     for name, param in objective.projector.named_parameters():
         assert torch.equal(target[name], param)
     assert {n for n, _ in objective.named_parameters() if not n.startswith("backbone.")} == {
@@ -91,13 +91,13 @@ def test_head_preparation_trains_the_head_and_the_target_follows_it():
     assert torch.isfinite(out["loss"])
     assert all(g is None for n, g in grads.items() if n.startswith("backbone."))
     assert all(g is not None for n, g in grads.items() if n.startswith(("projector.", "predictor.")))
-    target = dict(objective.target_projector.named_buffers())
+    target = dict(objective.target_projector.module.named_buffers())
     assert all(torch.equal(target[n], p) for n, p in objective.projector.named_parameters())
 
 
 def test_tuning_freezes_the_first_half_and_the_stem_with_layer_decay_and_ema_target():
     objective = make(depth=4, target_momentum=0.9)
-    before = {n: b.clone() for n, b in objective.target_projector.named_buffers()}
+    before = {n: b.clone() for n, b in objective.target_projector.module.named_buffers()}
     _, grads, groups = train_step(objective, stage(["blocks[:50%]"], layer_decay=0.65))
     trained = {n for n, g in grads.items() if g is not None}
     backbone = {n for n in trained if n.startswith("backbone.")}
@@ -105,7 +105,7 @@ def test_tuning_freezes_the_first_half_and_the_stem_with_layer_decay_and_ema_tar
                             for n in backbone)
     assert not any(n.startswith("backbone.vit." + s) for n in trained for s in ("patch_embed", "cls_token"))
     assert sorted({g["lr_scale"] for g in groups}) == pytest.approx([0.65 ** 2, 0.65, 1.0])  # blocks 2, 3; norm+heads
-    target = dict(objective.target_projector.named_buffers())
+    target = dict(objective.target_projector.module.named_buffers())
     for name, param in objective.projector.named_parameters():     # θ_t ← 0.9 θ_t + 0.1 θ
         assert torch.allclose(target[name], 0.9 * before[name] + 0.1 * param, atol=1e-6), name
 
@@ -203,5 +203,5 @@ def test_two_stage_recipe_runs_and_carries_the_queue(tmp_path, tiny_recipe, writ
     state = load_resume_state(run_dir / "checkpoints" / "last.pt")
     assert state["meta"]["objective_name"] == "mae_ct" and state["meta"]["progress"]["finished"]
     assert int(state["objective"]["queue.filled"]) == 4 * 16            # both stages' view-0 projections
-    assert "target_projector.0.weight" in state["objective"]
+    assert "target_projector.module.0.weight" in state["objective"]
     assert "knn" in (run_dir / "metrics.csv").read_text()

@@ -13,6 +13,7 @@ from sslbench.core.objective import StageContext
 from sslbench.core.options import validate_options
 from sslbench.core.rng import KeyedRandom
 from sslbench_plugins.micl import MiCL
+from sslbench.core.objective import Batch
 
 from .test_registered_objectives import INFO, images
 
@@ -29,7 +30,7 @@ def inputs(objective: MiCL, step: int = 0):
     index = torch.arange(6)
     rng = KeyedRandom(0, step, index)
     views = objective.views(INFO)(images(6).float() / 255, rng)
-    return views, {"index": index, "rng": rng}
+    return views, Batch(index=index, rng=rng)
 
 
 @pytest.mark.parametrize("ratio, per_view", [(0.9, 3), (0.8, 6), (0.5, 16)])
@@ -47,7 +48,7 @@ def test_loss_is_micl_loss_of_each_subset_encoded_on_its_own():
     objective = make(mask_ratio=0.75)
     views, batch = inputs(objective)
     loss = objective(views, batch)["loss"]
-    replay = inputs(objective)[1]["rng"]          # the same streams, drawn in the same order: views, then noise
+    replay = inputs(objective)[1].rng          # the same streams, drawn in the same order: views, then noise
     groups = split_mask_from_noise(replay.rand(64), 0.75, 2).groups
     with torch.no_grad():
         first = objective.backbone(views[0], mask=DropMask(groups[:, 0])).cls

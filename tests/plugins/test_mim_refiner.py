@@ -23,6 +23,7 @@ from sslbench.core.rng import KeyedRandom
 from sslbench_plugins.mim_refiner import (MIMRefiner, proportional_blocks,
                                           view_pairs)
 from sslbench.training.resume import load_resume_state
+from sslbench.core.objective import Batch
 
 SMALL = {"proj_hidden": 32, "proj_out": 8, "pred_hidden": 16, "queue_size": 12, "local_views": 2}
 INFO = DataInfo(image_size=16, channels=1, mean=(0.5,), std=(0.5,), num_samples=64)
@@ -54,7 +55,7 @@ def images(n: int = 8, seed: int = 1) -> torch.Tensor:
 def step_inputs(objective, imgs, index, step):
     rng = KeyedRandom(0, step, index)
     views = objective.views(INFO)(imgs.float() / 255, rng)
-    return [v.to(torch.get_default_dtype()) for v in views], {"index": index, "rng": rng}
+    return [v.to(torch.get_default_dtype()) for v in views], Batch(index=index, rng=rng)
 
 
 def stage(freeze: list[str], layer_decay: float = 1.0) -> dict:

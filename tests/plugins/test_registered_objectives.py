@@ -17,6 +17,7 @@ from sslbench.core.objective import DataInfo, Objective, StageContext
 from sslbench.core.options import validate_options
 from sslbench.core.registry import build_registry
 from sslbench.core.rng import KeyedRandom
+from sslbench.core.objective import Batch
 
 from ..conftest import assert_declared
 from .test_mim_refiner import images
@@ -41,7 +42,7 @@ def one_step(objective: Objective, step: int = 0) -> dict:
     views = [v.to(torch.get_default_dtype()) for v in objective.views(INFO)(images(8).float() / 255, rng)]
     for view in views:
         assert view.ndim == 4 and view.shape[:2] == (8, INFO.channels)
-    return objective(views, {"index": index, "rng": rng})
+    return objective(views, Batch(index=index, rng=rng))
 
 
 def test_the_seed_papers_objectives_are_registered():
