@@ -31,11 +31,23 @@ from torch import nn
 import sslbench
 from sslbench.core.losses import patch_contrast_loss
 from sslbench.core.masks import ReplaceMask, blockwise_mask
-from sslbench.core.modules import EMA, conmim_projector, convert_sync_batchnorm, cosine_momentum
+from sslbench.core.modules import EMA, convert_sync_batchnorm, cosine_momentum, mlp
 from sslbench.core.objective import DataInfo, Objective
 from sslbench.core.options import Option
-from sslbench.data.views import conmim_views
+from sslbench.data.views import Compose, Normalize, SharedCrop, crop_flip, strong_photometric
 from sslbench.core.distributed import ignore_in_ddp
+
+
+def conmim_projector(in_dim: int, hidden: int = 4096, out: int = 256) -> nn.Sequential:
+    """ConMIM projector (Yi et al. 2023): bias-free Linear–BN–ReLU ×2, Linear–BN(affine=False)."""
+    return mlp([in_dim, hidden, hidden, out], act=nn.ReLU, bias=False, last_bn_affine=False)
+
+def conmim_views(size: int, mean=None, std=None, scale: tuple[float, float] = (0.08, 1.0),
+                 flip: bool = True) -> SharedCrop:
+    """ConMIM (Yi et al. 2023): one RRC(0.08, 1) + flip shared; view 0 (student) plain, view 1 (teacher) jitter
+    p 0.8, grey 0.2, blur 0.1, solarise 0.2. Jitter strengths (0.4, 0.4, 0.2, 0.1) are BYOL's — assumed."""
+    teacher = Compose([*strong_photometric(blur_p=0.1, solarize_p=0.2), Normalize(mean, std)])
+    return SharedCrop(Compose(crop_flip(size, scale, flip)), [Normalize(mean, std), teacher])
 
 
 class ConMIM(Objective):

@@ -25,7 +25,12 @@ from sslbench.core.losses import mae_loss, patchify
 from sslbench.core.masks import DropMask
 from sslbench.core.objective import DataInfo, Objective
 from sslbench.core.options import Option
-from sslbench.data.views import Compose, HorizontalFlip, IndependentCrops, Normalize, RandomResizedCrop
+from sslbench.data.views import Compose, HorizontalFlip, IndependentCrops, Normalize, RandomResizedCrop, crop_flip
+
+
+def mae_views(size: int, mean=None, std=None) -> IndependentCrops:
+    """MAE (He et al. 2021): one view, RRC(0.2, 1) bicubic + flip."""
+    return IndependentCrops(1, Compose([*crop_flip(size, (0.2, 1.0)), Normalize(mean, std)]))
 
 
 class MAE(Objective):

@@ -45,17 +45,31 @@ Deviation: our predictor's last Linear has a bias (the official code's has none)
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 import sslbench
 from sslbench.core import distributed
 from sslbench.core.distributed import ignore_in_ddp
 from sslbench.core.losses import symmetric_nnclr_loss
-from sslbench.core.modules import EMA, NNQueue, convert_sync_batchnorm, maect_predictor, maect_projector
+from sslbench.core.modules import EMA, NNQueue, convert_sync_batchnorm, mlp
 from sslbench.core.objective import DataInfo, Objective
 from sslbench.core.options import Option
-from sslbench.data.views import maect_views
+from sslbench.data.views import Compose, IndependentCrops, Normalize, crop_flip
 
 POOLINGS = ("cls", "mean_patch")
+
+
+def maect_projector(in_dim: int, hidden: int = 2048, out: int = 256) -> nn.Sequential:
+    """MAE-CT projector (Lehner et al. 2023): MIM-Refiner's layout with ReLU."""
+    return mlp([in_dim, hidden, hidden, out], act=nn.ReLU)
+
+def maect_predictor(dim: int = 256, hidden: int = 4096) -> nn.Sequential:
+    """MAE-CT predictor: Linear–BN–ReLU–Linear, no final BN (so the last Linear keeps its bias)."""
+    return mlp([dim, hidden, dim], act=nn.ReLU, last_bn=False)
+
+def maect_views(size: int, mean=None, std=None) -> IndependentCrops:
+    """MAE-CT (Lehner et al. 2023): two independent views, RRC(0.08, 1) + flip only."""
+    return IndependentCrops(2, Compose([*crop_flip(size, (0.08, 1.0)), Normalize(mean, std)]))
 
 
 class MAECT(Objective):

@@ -25,7 +25,14 @@ from sslbench.core.losses import micl_loss
 from sslbench.core.masks import split_mask_from_noise, split_size
 from sslbench.core.objective import DataInfo, Objective
 from sslbench.core.options import Option
-from sslbench.data.views import micl_views
+from sslbench.data.views import Compose, IndependentCrops, Normalize, crop_flip
+
+
+def micl_views(size: int, mean=None, std=None, scale: tuple[float, float] = (0.2, 1.0),
+               flip: bool = True) -> IndependentCrops:
+    """MiCL (Yang & Xu 2024): one RRC(0.2, 1) + flip view; its two views are disjoint token subsets of it,
+    made by the objective, not here."""
+    return IndependentCrops(1, Compose([*crop_flip(size, scale, flip), Normalize(mean, std)]))
 
 
 class MiCL(Objective):

@@ -63,10 +63,11 @@ import sslbench
 from sslbench.core import distributed
 from sslbench.core.distributed import ignore_in_ddp
 from sslbench.core.losses import nna_loss
-from sslbench.core.modules import NNQueue, convert_sync_batchnorm, mimrefiner_predictor, mimrefiner_projector
+from sslbench.core.modules import NNQueue, convert_sync_batchnorm, mlp
 from sslbench.core.objective import DataInfo, Objective
 from sslbench.core.options import Option
-from sslbench.data.views import mimrefiner_views
+from sslbench.data.views import (Compose, HorizontalFlip, MultiCrop, Normalize, RandomResizedCrop, crop_flip,
+                                 strong_photometric)
 
 PAIRINGS = ("all", "official")
 
@@ -106,6 +107,28 @@ class IDHead(nn.Module):
         self.projector = convert_sync_batchnorm(mimrefiner_projector(in_dim, hidden, out))
         self.predictor = convert_sync_batchnorm(mimrefiner_predictor(out, pred_hidden))
         self.queue = NNQueue(queue_size, out, normalize=False)
+
+
+def mimrefiner_projector(in_dim: int, hidden: int = 2048, out: int = 256) -> nn.Sequential:
+    """MIM-Refiner ID-head projector: Linear–BN–GELU–Linear–BN–GELU–Linear–BN (Alkin et al. 2024)."""
+    return mlp([in_dim, hidden, hidden, out], act=nn.GELU)
+
+def mimrefiner_predictor(dim: int = 256, hidden: int = 4096) -> nn.Sequential:
+    """MIM-Refiner predictor: Linear–BN–GELU–Linear–BN."""
+    return mlp([dim, hidden, dim], act=nn.GELU)
+
+def mimrefiner_views(global_size: int = 224, local_size: int = 96, global_n: int = 2, local_n: int = 10,
+                     mean=None, std=None) -> MultiCrop:
+    """MIM-Refiner (Alkin et al. 2024): global RRC(0.25, 1) bicubic + flip + jitter/grey, blur always on even
+    global views (view 1 in the paper's counting) and p 0.1 on odd ones, which are also solarised with p 0.2;
+    local RRC(0.05, 0.25) + flip + jitter/grey + blur p 0.5."""
+    globals_ = [Compose([RandomResizedCrop(global_size, (0.25, 1.0)), HorizontalFlip(0.5),
+                         *strong_photometric(blur_p=1.0 if i % 2 == 0 else 0.1,
+                                              solarize_p=0.0 if i % 2 == 0 else 0.2), Normalize(mean, std)])
+                for i in range(global_n)]
+    local = Compose([*crop_flip(local_size, (0.05, 0.25)), *strong_photometric(blur_p=0.5, solarize_p=0.0),
+                     Normalize(mean, std)])
+    return MultiCrop(global_n, globals_, local_n, local)
 
 
 class MIMRefiner(Objective):

@@ -96,3 +96,12 @@ def assert_declared(registry, kind: str, name: str, base: type):
 
 def sslbench_cmd() -> list[str]:
     return [sys.executable, "-m", "sslbench"]
+
+
+def layer_types(module) -> list[type]:
+    return [type(layer) for layer in module]
+
+
+def linears(module) -> list:
+    return [layer for layer in module if isinstance(layer, torch.nn.Linear)]
+

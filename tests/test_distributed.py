@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from sslbench.core import distributed
 from sslbench.core.losses import infonce_loss, nna_loss, nnclr_loss
-from sslbench.core.modules import convert_sync_batchnorm, mimrefiner_projector
+from sslbench.core.modules import convert_sync_batchnorm, mlp
 
 WORLD = 2
 ATOL = 1e-6
@@ -103,7 +103,7 @@ def _check_loss_gradients(rank: int) -> None:
 def _check_sync_batchnorm(rank: int) -> None:
     """A head with GlobalBatchNorm1d on 2×3 rows equals the plain head on the 6-row global batch."""
     torch.manual_seed(1)
-    reference = mimrefiner_projector(5, hidden=8, out=3)
+    reference = mlp([5, 8, 8, 3], act=torch.nn.GELU)
     head = convert_sync_batchnorm(copy.deepcopy(reference))
     x = torch.randn(6, 5)
     mine = slice(rank * 3, (rank + 1) * 3)

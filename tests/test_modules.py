@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from sslbench.core.modules import (
-    EMA, GlobalBatchNorm1d, NNQueue, conmim_projector, convert_sync_batchnorm, cosine_momentum, maect_predictor,
-    maect_projector, mimrefiner_predictor, mimrefiner_projector, mlp,
+    EMA, GlobalBatchNorm1d, NNQueue, convert_sync_batchnorm, cosine_momentum, mlp,
 )
+
+from .conftest import layer_types, linears
 
 
 # ----------------------------------------------------------------------------------------------- NNQueue
@@ -139,45 +140,6 @@ def test_queue_rejects_bad_shapes():
 # ----------------------------------------------------------------------------------------------- MLPs
 
 
-def layer_types(module: nn.Sequential) -> list[type]:
-    return [type(layer) for layer in module]
-
-
-def linears(module: nn.Sequential) -> list[nn.Linear]:
-    return [layer for layer in module if isinstance(layer, nn.Linear)]
-
-
-def test_mimrefiner_heads_structure():
-    projector = mimrefiner_projector(8, hidden=16, out=4)
-    bn, gelu = nn.BatchNorm1d, nn.GELU
-    assert layer_types(projector) == [nn.Linear, bn, gelu, nn.Linear, bn, gelu, nn.Linear, bn]
-    assert [(lin.in_features, lin.out_features) for lin in linears(projector)] == [(8, 16), (16, 16), (16, 4)]
-    assert linears(projector)[0].bias is None
-    assert all(layer.affine for layer in projector if isinstance(layer, bn))
-    predictor = mimrefiner_predictor(4, hidden=12)
-    assert layer_types(predictor) == [nn.Linear, bn, gelu, nn.Linear, bn]
-    assert [(lin.in_features, lin.out_features) for lin in linears(predictor)] == [(4, 12), (12, 4)]
-
-
-def test_maect_heads_structure():
-    bn, relu = nn.BatchNorm1d, nn.ReLU
-    assert layer_types(maect_projector(8, 16, 4)) == [nn.Linear, bn, relu, nn.Linear, bn, relu, nn.Linear, bn]
-    predictor = maect_predictor(4, 12)
-    assert layer_types(predictor) == [nn.Linear, bn, relu, nn.Linear]
-    # No BN after the last Linear, so it keeps its bias (initialised to zero).
-    assert predictor[-1].bias is not None and torch.all(predictor[-1].bias == 0)
-
-
-def test_conmim_projector_structure():
-    projector = conmim_projector(8, 16, 4)
-    bn, relu = nn.BatchNorm1d, nn.ReLU
-    assert layer_types(projector) == [nn.Linear, bn, relu, nn.Linear, bn, relu, nn.Linear, bn]
-    assert all(lin.bias is None for lin in linears(projector))
-    norms = [layer for layer in projector if isinstance(layer, bn)]
-    assert [n.affine for n in norms] == [True, True, False]
-    assert projector(torch.randn(5, 8)).shape == (5, 4)
-
-
 def test_mlp_options():
     plain = mlp([3, 5, 2], act=nn.Tanh, batchnorm=False, last_bn=False)
     assert layer_types(plain) == [nn.Linear, nn.Tanh, nn.Linear]
@@ -206,8 +168,8 @@ def test_xavier_uniform_init_statistics():
 
 def test_global_batchnorm_matches_batchnorm_in_one_process():
     torch.manual_seed(0)
-    head = mimrefiner_projector(6, 10, 3)
-    reference = mimrefiner_projector(6, 10, 3)
+    head = mlp([6, 10, 10, 3], act=nn.GELU)
+    reference = mlp([6, 10, 10, 3], act=nn.GELU)
     reference.load_state_dict(head.state_dict())
     converted = convert_sync_batchnorm(head)
     assert sum(isinstance(m, GlobalBatchNorm1d) for m in converted.modules()) == 3

@@ -16,11 +16,7 @@ from torch import nn
 
 from sslbench.core import distributed
 
-__all__ = [
-    "NNQueue", "mlp", "mimrefiner_projector", "mimrefiner_predictor", "maect_projector", "maect_predictor",
-    "conmim_projector", "GlobalBatchNorm1d", "convert_sync_batchnorm", "parameters_as_buffers", "EMA",
-    "cosine_momentum",
-]
+__all__ = ["NNQueue", "mlp", "GlobalBatchNorm1d", "convert_sync_batchnorm", "parameters_as_buffers", "EMA", "cosine_momentum"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -158,31 +154,6 @@ def mlp(dims: Sequence[int], act: Callable[[], nn.Module] = nn.GELU, bias: bool 
         if not is_last:
             layers.append(act())
     return nn.Sequential(*layers)
-
-
-def mimrefiner_projector(in_dim: int, hidden: int = 2048, out: int = 256) -> nn.Sequential:
-    """MIM-Refiner ID-head projector: Linear–BN–GELU–Linear–BN–GELU–Linear–BN (Alkin et al. 2024)."""
-    return mlp([in_dim, hidden, hidden, out], act=nn.GELU)
-
-
-def mimrefiner_predictor(dim: int = 256, hidden: int = 4096) -> nn.Sequential:
-    """MIM-Refiner predictor: Linear–BN–GELU–Linear–BN."""
-    return mlp([dim, hidden, dim], act=nn.GELU)
-
-
-def maect_projector(in_dim: int, hidden: int = 2048, out: int = 256) -> nn.Sequential:
-    """MAE-CT projector (Lehner et al. 2023): MIM-Refiner's layout with ReLU."""
-    return mlp([in_dim, hidden, hidden, out], act=nn.ReLU)
-
-
-def maect_predictor(dim: int = 256, hidden: int = 4096) -> nn.Sequential:
-    """MAE-CT predictor: Linear–BN–ReLU–Linear, no final BN (so the last Linear keeps its bias)."""
-    return mlp([dim, hidden, dim], act=nn.ReLU, last_bn=False)
-
-
-def conmim_projector(in_dim: int, hidden: int = 4096, out: int = 256) -> nn.Sequential:
-    """ConMIM projector (Yi et al. 2023): bias-free Linear–BN–ReLU ×2, Linear–BN(affine=False)."""
-    return mlp([in_dim, hidden, hidden, out], act=nn.ReLU, bias=False, last_bn_affine=False)
 
 
 # --------------------------------------------------------------------------------------------------------------

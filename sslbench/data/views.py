@@ -112,60 +112,15 @@ class EvalTransform:
         return self.normalize(self.crop(self.resize(to_float(images))))
 
 
-# ---------------------------------------------------------------------------------------- the papers' recipes
-# Every factory takes the dataset's normalisation (`mean`, `std`; None = defaults by channel count).
+# ------------------------------------------------------------------------- building blocks of the papers' views
 
-def _crop_flip(size: int, scale: tuple[float, float], flip: bool = True) -> list[Transform]:
+def crop_flip(size: int, scale: tuple[float, float], flip: bool = True) -> list[Transform]:
+    """Random-resized crop (bicubic) to ``size`` with area ``scale``, then a horizontal flip with p 0.5."""
     crop: list[Transform] = [RandomResizedCrop(size, scale, interpolation="bicubic")]
     return crop + [HorizontalFlip(0.5)] if flip else crop
 
 
-def _strong_photometric(blur_p: float, solarize_p: float) -> list[Transform]:
+def strong_photometric(blur_p: float, solarize_p: float) -> list[Transform]:
     """BYOL/DINO-style colour augmentation: jitter p 0.8 (0.4, 0.4, 0.2, 0.1), grey p 0.2, blur, solarise."""
     out: list[Transform] = [ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8), Grayscale(0.2), GaussianBlur(blur_p)]
     return out + [Solarize(solarize_p)] if solarize_p > 0 else out
-
-
-def mae_views(size: int, mean=None, std=None) -> IndependentCrops:
-    """MAE (He et al. 2021): one view, RRC(0.2, 1) bicubic + flip."""
-    return IndependentCrops(1, Compose([*_crop_flip(size, (0.2, 1.0)), Normalize(mean, std)]))
-
-
-def maect_views(size: int, mean=None, std=None) -> IndependentCrops:
-    """MAE-CT (Lehner et al. 2023): two independent views, RRC(0.08, 1) + flip only."""
-    return IndependentCrops(2, Compose([*_crop_flip(size, (0.08, 1.0)), Normalize(mean, std)]))
-
-
-def micl_views(size: int, mean=None, std=None, scale: tuple[float, float] = (0.2, 1.0),
-               flip: bool = True) -> IndependentCrops:
-    """MiCL (Yang & Xu 2024): one RRC(0.2, 1) + flip view; its two views are disjoint token subsets of it,
-    made by the objective, not here."""
-    return IndependentCrops(1, Compose([*_crop_flip(size, scale, flip), Normalize(mean, std)]))
-
-
-def conmim_views(size: int, mean=None, std=None, scale: tuple[float, float] = (0.08, 1.0),
-                 flip: bool = True) -> SharedCrop:
-    """ConMIM (Yi et al. 2023): one RRC(0.08, 1) + flip shared; view 0 (student) plain, view 1 (teacher) jitter
-    p 0.8, grey 0.2, blur 0.1, solarise 0.2. Jitter strengths (0.4, 0.4, 0.2, 0.1) are BYOL's — assumed."""
-    teacher = Compose([*_strong_photometric(blur_p=0.1, solarize_p=0.2), Normalize(mean, std)])
-    return SharedCrop(Compose(_crop_flip(size, scale, flip)), [Normalize(mean, std), teacher])
-
-
-def mimrefiner_views(global_size: int = 224, local_size: int = 96, global_n: int = 2, local_n: int = 10,
-                     mean=None, std=None) -> MultiCrop:
-    """MIM-Refiner (Alkin et al. 2024): global RRC(0.25, 1) bicubic + flip + jitter/grey, blur always on even
-    global views (view 1 in the paper's counting) and p 0.1 on odd ones, which are also solarised with p 0.2;
-    local RRC(0.05, 0.25) + flip + jitter/grey + blur p 0.5."""
-    globals_ = [Compose([RandomResizedCrop(global_size, (0.25, 1.0)), HorizontalFlip(0.5),
-                         *_strong_photometric(blur_p=1.0 if i % 2 == 0 else 0.1,
-                                              solarize_p=0.0 if i % 2 == 0 else 0.2), Normalize(mean, std)])
-                for i in range(global_n)]
-    local = Compose([*_crop_flip(local_size, (0.05, 0.25)), *_strong_photometric(blur_p=0.5, solarize_p=0.0),
-                     Normalize(mean, std)])
-    return MultiCrop(global_n, globals_, local_n, local)
-
-
-VIEW_FACTORIES: dict[str, Callable[..., ViewPipeline]] = {
-    "mae": mae_views, "maect": maect_views, "micl": micl_views, "conmim": conmim_views,
-    "mimrefiner": mimrefiner_views,
-}

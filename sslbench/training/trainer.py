@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from sslbench.core.errors import RecipeError, TrainingDiverged
 from sslbench.core.modules import EMA

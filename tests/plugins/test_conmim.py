@@ -17,6 +17,9 @@ from sslbench_plugins.conmim import ConMIM
 from sslbench.core.objective import Batch
 
 from .test_registered_objectives import INFO, images
+from torch import nn
+from ..conftest import layer_types, linears
+from sslbench_plugins.conmim import conmim_projector
 
 SMALL = {"proj_hidden": 32, "proj_out": 16, "mask_unit_px": 8}
 
@@ -91,3 +94,13 @@ def test_a_ratio_that_masks_nothing_or_everything_is_a_recipe_error():
     for ratio in (0.0, 1.0):
         with pytest.raises(sslbench.RecipeError, match="options.mask_ratio"):
             make(mask_ratio=ratio)
+
+
+def test_conmim_projector_structure():
+    projector = conmim_projector(8, 16, 4)
+    bn, relu = nn.BatchNorm1d, nn.ReLU
+    assert layer_types(projector) == [nn.Linear, bn, relu, nn.Linear, bn, relu, nn.Linear, bn]
+    assert all(lin.bias is None for lin in linears(projector))
+    norms = [layer for layer in projector if isinstance(layer, bn)]
+    assert [n.affine for n in norms] == [True, True, False]
+    assert projector(torch.randn(5, 8)).shape == (5, 4)

@@ -25,6 +25,9 @@ from sslbench_plugins.mae_ct import MAECT
 from sslbench.training.resume import load_resume_state
 
 from .test_mim_refiner import images, step_inputs, tiny_backbone
+from torch import nn
+from ..conftest import layer_types, linears
+from sslbench_plugins.mae_ct import maect_predictor, maect_projector
 
 SMALL = {"proj_hidden": 32, "proj_out": 8, "pred_hidden": 16, "queue_size": 16}
 
@@ -205,3 +208,12 @@ def test_two_stage_recipe_runs_and_carries_the_queue(tmp_path, tiny_recipe, writ
     assert int(state["objective"]["queue.filled"]) == 4 * 16            # both stages' view-0 projections
     assert "target_projector.module.0.weight" in state["objective"]
     assert "knn" in (run_dir / "metrics.csv").read_text()
+
+
+def test_maect_heads_structure():
+    bn, relu = nn.BatchNorm1d, nn.ReLU
+    assert layer_types(maect_projector(8, 16, 4)) == [nn.Linear, bn, relu, nn.Linear, bn, relu, nn.Linear, bn]
+    predictor = maect_predictor(4, 12)
+    assert layer_types(predictor) == [nn.Linear, bn, relu, nn.Linear]
+    # No BN after the last Linear, so it keeps its bias (initialised to zero).
+    assert predictor[-1].bias is not None and torch.all(predictor[-1].bias == 0)

@@ -24,6 +24,9 @@ from sslbench_plugins.mim_refiner import (MIMRefiner, proportional_blocks,
                                           view_pairs)
 from sslbench.training.resume import load_resume_state
 from sslbench.core.objective import Batch
+from torch import nn
+from ..conftest import layer_types, linears
+from sslbench_plugins.mim_refiner import mimrefiner_predictor, mimrefiner_projector
 
 SMALL = {"proj_hidden": 32, "proj_out": 8, "pred_hidden": 16, "queue_size": 12, "local_views": 2}
 INFO = DataInfo(image_size=16, channels=1, mean=(0.5,), std=(0.5,), num_samples=64)
@@ -280,3 +283,15 @@ def test_two_stage_recipe_runs_carries_the_queue_and_evaluates_the_ema(tmp_path,
     log = (run_dir / "log.jsonl").read_text()
     assert "loss_block1" in log and '"stage": 1' in log
     assert "knn" in (run_dir / "metrics.csv").read_text()
+
+
+def test_mimrefiner_heads_structure():
+    projector = mimrefiner_projector(8, hidden=16, out=4)
+    bn, gelu = nn.BatchNorm1d, nn.GELU
+    assert layer_types(projector) == [nn.Linear, bn, gelu, nn.Linear, bn, gelu, nn.Linear, bn]
+    assert [(lin.in_features, lin.out_features) for lin in linears(projector)] == [(8, 16), (16, 16), (16, 4)]
+    assert linears(projector)[0].bias is None
+    assert all(layer.affine for layer in projector if isinstance(layer, bn))
+    predictor = mimrefiner_predictor(4, hidden=12)
+    assert layer_types(predictor) == [nn.Linear, bn, gelu, nn.Linear, bn]
+    assert [(lin.in_features, lin.out_features) for lin in linears(predictor)] == [(4, 12), (12, 4)]
