@@ -37,8 +37,7 @@ class Clustering(Evaluator):
     }
 
     def requests(self, depth):
-        self.request = feature_request(self.opts, depth)
-        return [self.request]
+        return [feature_request(self.opts, depth)]
 
     def check_data(self, train, test):
         split = train if self.opts["split"] == "train" else test
@@ -48,8 +47,8 @@ class Clustering(Evaluator):
         if self.opts["silhouette"] and split.num_classes < 2:
             raise UserError("silhouette: needs at least 2 classes in the clustered split")
 
-    def evaluate(self, train, test):
-        o, request = self.opts, self.request
+    def evaluate(self, train, test, requests):
+        o, (request,) = self.opts, requests
         split = train if o["split"] == "train" else test
         scores = clustering(split.features[request], split.labels, n_init=o["n_init"], seed=o["seed"],
                             max_iter=o["max_iter"], silhouette=o["silhouette"], subsample=o["subsample"],

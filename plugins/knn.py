@@ -29,16 +29,15 @@ class KNN(Evaluator):
     }
 
     def requests(self, depth):
-        self.request = feature_request(self.opts, depth)
-        return [self.request]
+        return [feature_request(self.opts, depth)]
 
     def check_data(self, train, test):
         if max(self.opts["k"]) > train.num_samples:
             raise UserError(f"k: got {max(self.opts['k'])} neighbours, but the evaluation training set has only "
                             f"{train.num_samples} images")
 
-    def evaluate(self, train, test):
-        request = self.request
+    def evaluate(self, train, test, requests):
+        request, = requests
         scores = knn(train.features[request], train.labels, test.features[request], test.labels,
                      k=tuple(self.opts["k"]), temperature=self.opts["temperature"],
                      standardize=self.opts["standardize"])

@@ -75,24 +75,29 @@ class LinearProbe(Evaluator):
             raise UserError(f"val_fraction: {self.opts['val_fraction']} of the {train.num_samples} evaluation "
                             "training images leaves no held-out images to choose the head (every class needs ≥ 2)")
 
-    def requests(self, depth):
+    def layout(self, depth: int) -> dict[str, list[FeatureRequest]]:
+        """Each feature variant's name and the requests it concatenates, for a backbone of ``depth`` blocks."""
         norm = self.opts["norm"]
-        self.layout: dict[str, list[FeatureRequest]] = {}
+        layout: dict[str, list[FeatureRequest]] = {}
         for n_blocks, avgpool in self._variants():
             parts = [FeatureRequest(b, "cls", norm) for b in range(max(0, depth - n_blocks), depth)]
             if avgpool:
                 parts.append(FeatureRequest(depth - 1, "mean", norm))
-            self.layout[variant_name(n_blocks, avgpool)] = parts
-        if not self.layout:
+            layout[variant_name(n_blocks, avgpool)] = parts
+        if not layout:
             from sslbench.core.errors import UserError
 
             raise UserError("linear_probe: n_last_blocks and avgpool must each list at least one value")
-        return sorted({r for parts in self.layout.values() for r in parts}, key=str)
+        return layout
 
-    def evaluate(self, train, test):
+    def requests(self, depth):
+        return sorted({r for parts in self.layout(depth).values() for r in parts}, key=str)
+
+    def evaluate(self, train, test, requests):
+        depth = 1 + max(r.block for r in requests)          # every variant ends at the last block
         variants = {name: (torch.cat([train.features[r] for r in parts], dim=1),
                            torch.cat([test.features[r] for r in parts], dim=1))
-                    for name, parts in self.layout.items()}
+                    for name, parts in self.layout(depth).items()}
         o = self.opts
         _, result = linear_probe(None, train.labels, None, test.labels, variants=variants, lrs=o["lrs"],
                                  epochs=o["epochs"], batch_size=o["batch_size"], batchnorm=o["batchnorm"],

@@ -38,11 +38,10 @@ class LowShot(Evaluator):
     }
 
     def requests(self, depth):
-        self.request = feature_request(self.opts, depth)
-        return [self.request]
+        return [feature_request(self.opts, depth)]
 
-    def evaluate(self, train, test):
-        o, request = self.opts, self.request
+    def evaluate(self, train, test, requests):
+        o, (request,) = self.opts, requests
         scores = low_shot(train.features[request], train.labels, test.features[request], test.labels,
                           shots=o["shots"], fractions=o["fractions"], splits=o["splits"], seed=o["seed"],
                           lam=o["lam"], max_iter=o["max_iter"])

@@ -43,20 +43,21 @@ class PerBlock(Evaluator):
         outside = [b for b in blocks if not -depth <= b < depth]
         if outside:
             raise UserError(f"blocks: {outside} outside -{depth}..{depth - 1} for a backbone with {depth} blocks")
-        self.blocks = sorted({b % depth for b in blocks})
-        self.layout = {norm: {b: FeatureRequest(b, "cls", norm) for b in self.blocks} for norm in norms}
-        return [r for by_block in self.layout.values() for r in by_block.values()]
+        return [FeatureRequest(b, "cls", norm) for norm in norms for b in sorted({b % depth for b in blocks})]
 
     def check_data(self, train, test):
         if max(self.opts["k"]) > train.num_samples:
             raise UserError(f"k: got {max(self.opts['k'])} neighbours, but the evaluation training set has only "
                             f"{train.num_samples} images")
 
-    def evaluate(self, train, test):
+    def evaluate(self, train, test, requests):
         o = self.opts
         suffix = ",std" if o["standardize"] else ""
+        layout: dict[str, dict[int, FeatureRequest]] = {}
+        for request in requests:                            # {norm: {block: request}}, in the requests' order
+            layout.setdefault(request.norm, {})[request.block] = request
         rows = []
-        for norm, by_block in self.layout.items():
+        for norm, by_block in layout.items():
             scores = per_block({b: train.features[r] for b, r in by_block.items()}, train.labels,
                                {b: test.features[r] for b, r in by_block.items()}, test.labels,
                                k=tuple(o["k"]), temperature=o["temperature"], standardize=o["standardize"])

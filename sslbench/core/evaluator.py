@@ -145,5 +145,7 @@ class Evaluator:
         cannot work on this data (``train`` is the evaluation training set). Called before any training, so a run
         never trains for hours to fail at its evaluation. The default checks nothing."""
 
-    def evaluate(self, train: Split, test: Split) -> list[MetricValue]:
+    def evaluate(self, train: Split, test: Split, requests: list[FeatureRequest]) -> list[MetricValue]:
+        """Score the features. ``requests`` is what :meth:`requests` returned for this backbone, so a wrapper keeps
+        no state between the two calls."""
         raise NotImplementedError

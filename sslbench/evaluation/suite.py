@@ -73,6 +73,6 @@ def evaluate_backbone(recipe: dict, registry, backbone, datasets: dict, accelera
     results = []
     if accelerator is None or accelerator.is_main_process:
         for table, evaluator in zip(evals, evaluators):
-            for value in evaluator.evaluate(train, test):
+            for value in evaluator.evaluate(train, test, evaluator.requests(backbone.depth)):
                 results.append((table, value))
     return results

@@ -23,9 +23,9 @@ def test_linear_probe_variants_and_requests():
     evaluator = build("linear_probe")
     assert [str(r) for r in evaluator.requests(12)] == [
         "b10.cls.normed", "b11.cls.normed", "b11.mean.normed", "b8.cls.normed", "b9.cls.normed"]
-    assert evaluator.layout["last4+mean"] == [FeatureRequest(b, "cls", "normed") for b in (8, 9, 10, 11)] + \
+    assert evaluator.layout(12)["last4+mean"] == [FeatureRequest(b, "cls", "normed") for b in (8, 9, 10, 11)] + \
         [FeatureRequest(11, "mean", "normed")]
-    assert set(evaluator.layout) == {"last1", "last1+mean", "last4", "last4+mean"}
+    assert set(evaluator.layout(12)) == {"last1", "last1+mean", "last4", "last4+mean"}
     short = build("linear_probe", {"n_last_blocks": [4], "avgpool": [False], "norm": "raw"})
     assert [str(r) for r in short.requests(2)] == ["b0.cls.raw", "b1.cls.raw"]      # fewer blocks than asked
 
@@ -35,7 +35,7 @@ def test_linear_probe_rows_equal_the_tensor_api_and_ignore_the_test_labels():
                "batchnorm": [True, False]}
     evaluator = build("linear_probe", options)
     train, test = fake_splits(evaluator.requests(4))
-    rows = by_key(evaluator.evaluate(train, test))
+    rows = by_key(evaluator.evaluate(train, test, evaluator.requests(4)))
     assert set(rows) == {("top1", "best,normed"), ("val_top1", "best,normed"), ("top1", "last1,normed"),
                          ("top1", "last2,normed")}
     best = rows[("top1", "best,normed")]
@@ -53,8 +53,7 @@ def test_linear_probe_rows_equal_the_tensor_api_and_ignore_the_test_labels():
     permutation = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(1))
     shuffled = Split(test.features, test.labels[permutation])
     fresh = build("linear_probe", options)
-    fresh.requests(4)
-    again = by_key(fresh.evaluate(train, shuffled))
+    again = by_key(fresh.evaluate(train, shuffled, fresh.requests(4)))
     assert again[("top1", "best,normed")].extra == best.extra          # the choice never looks at the test set
 
 
@@ -63,7 +62,7 @@ def test_low_shot_rows_equal_the_tensor_api():
     requests = evaluator.requests(4)
     assert requests == [FeatureRequest(2, "cls", "normed")]
     train, test = fake_splits(requests)
-    rows = by_key(evaluator.evaluate(train, test))
+    rows = by_key(evaluator.evaluate(train, test, requests))
     expected = low_shot(train.features[requests[0]], train.labels, test.features[requests[0]], test.labels,
                         shots=(1, 3), fractions=(0.1,), splits=2)
     assert set(rows) == {(m, f"{s},b2.cls.normed") for s in ("1shot", "3shot", "10pct") for m in ("top1", "top1_std")}
@@ -80,7 +79,7 @@ def test_clustering_rows_equal_the_tensor_api(split):
     assert request == FeatureRequest(3, "cls", "normed")
     train, test = fake_splits([request])
     data = train if split == "train" else test
-    rows = by_key(evaluator.evaluate(train, test))
+    rows = by_key(evaluator.evaluate(train, test, [request]))
     expected = clustering(data.features[request], data.labels, n_init=3, silhouette=True, subsample=50)
     assert {m: rows[(m, f"{split},b3.cls.normed")].value for m in expected} == expected
     assert set(expected) == {"acc", "nmi", "ami", "ari", "silhouette", "davies_bouldin"}
@@ -91,7 +90,7 @@ def test_per_block_rows_are_knn_of_every_block_and_parse():
     requests = evaluator.requests(3)
     assert sorted(map(str, requests)) == sorted(f"b{b}.cls.{n}" for b in range(3) for n in ("raw", "normed"))
     train, test = fake_splits(requests)
-    rows = evaluator.evaluate(train, test)
+    rows = evaluator.evaluate(train, test, requests)
     assert len(rows) == 3 * 2 * 2 * 2                        # blocks × streams × k × (top1, top5)
     for row in rows:
         match = PER_BLOCK_VARIANT.match(row.variant)
