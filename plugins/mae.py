@@ -22,15 +22,16 @@ from torch import nn
 import sslbench
 from sslbench.core.backbone import sincos_2d_position_embedding
 from sslbench.core.losses import mae_loss, patchify
-from sslbench.core.masks import DropMask
+from sslbench.core.masks import drop_mask_from_noise
 from sslbench.core.objective import DataInfo, Objective
 from sslbench.core.options import Option
-from sslbench.data.views import Compose, HorizontalFlip, IndependentCrops, Normalize, RandomResizedCrop, crop_flip
+from sslbench.data.views import Compose, IndependentCrops, Normalize, crop_flip
 
 
-def mae_views(size: int, mean=None, std=None) -> IndependentCrops:
+def mae_views(size: int, mean=None, std=None, scale: tuple[float, float] = (0.2, 1.0),
+              flip: bool = True) -> IndependentCrops:
     """MAE (He et al. 2021): one view, RRC(0.2, 1) bicubic + flip."""
-    return IndependentCrops(1, Compose([*crop_flip(size, (0.2, 1.0)), Normalize(mean, std)]))
+    return IndependentCrops(1, Compose([*crop_flip(size, scale, flip), Normalize(mean, std)]))
 
 
 class MAE(Objective):
@@ -77,26 +78,16 @@ class MAE(Objective):
                     nn.init.zeros_(m.bias)
 
     def views(self, data: DataInfo):
-        steps = [RandomResizedCrop(data.image_size, scale=tuple(self.opts["crop_scale"]), interpolation="bicubic")]
-        if self.opts["flip"]:
-            steps.append(HorizontalFlip(0.5))
-        steps.append(Normalize(data.mean, data.std))
-        return IndependentCrops(1, Compose(steps))
+        return mae_views(data.image_size, data.mean, data.std, tuple(self.opts["crop_scale"]), self.opts["flip"])
 
     def forward(self, views, batch):
         images = views[0]
-        b, n = images.shape[0], self.backbone.num_patches
-        keep = int(n * (1 - self.opts["mask_ratio"]))
-        # Per-sample random shuffle (MAE): the kept tokens are the first `keep` of the sorted noise.
-        noise = batch.rng.rand(n).to(images.device)
-        ids_shuffle = torch.argsort(noise, dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :keep]
-        mask = torch.ones(b, n, device=images.device)
-        mask[:, :keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)
+        # Per-sample random shuffle (MAE): the kept tokens are the first of the sorted keyed noise.
+        noise = batch.rng.rand(self.backbone.num_patches).to(images.device)
+        keep, masked, ids_restore = drop_mask_from_noise(noise, self.opts["mask_ratio"])
+        mask = masked.to(images.dtype)
 
-        latent = self.backbone(images, mask=DropMask(ids_keep)).tokens
+        latent = self.backbone(images, mask=keep).tokens
         pred = self.decode(latent, ids_restore)
         loss = mae_loss(pred, patchify(images, self.backbone.patch_size), mask, norm_pix=self.opts["norm_pix_loss"])
         return {"loss": loss, "logs": {}}

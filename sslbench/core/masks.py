@@ -81,11 +81,16 @@ def random_drop_mask(batch: int, num_patches: int, ratio: float, generator: torc
     ``ids_restore`` (B, N) un-shuffles ``[kept tokens, mask tokens]`` back to patch order, as MAE's decoder
     needs (``torch.gather(seq, 1, ids_restore)``).
     """
+    return drop_mask_from_noise(_uniform((batch, num_patches), generator, device), ratio)
+
+
+def drop_mask_from_noise(noise: Tensor, ratio: float) -> tuple[DropMask, Tensor, Tensor]:
+    """:func:`random_drop_mask` from given (B, N) uniform noise (e.g. an objective's keyed per-sample stream)."""
     _check_ratio(ratio)
+    num_patches = noise.shape[1]
     num_keep = int(num_patches * (1 - ratio))
     if num_keep < 1:
         raise UserError(f"mask ratio {ratio} keeps no patch out of {num_patches}; lower the ratio")
-    noise = _uniform((batch, num_patches), generator, device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     # position p of the shuffled order is kept iff p < num_keep; ids_restore maps patches to positions
