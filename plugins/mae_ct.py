@@ -1,13 +1,13 @@
 """MAE-CT — contrastive tuning of a pre-trained MAE with an NNCLR head (Lehner et al. 2023, arXiv 2304.10520).
-Implementation facts: ``docs/METHODS.md`` (MAE-CT).
+Implementation facts: ``docs/methods.md`` (MAE-CT).
 
 **Head.** Projector Linear(D→2048, no bias)–BN–ReLU–Linear–BN–ReLU–Linear(→256)–BN and predictor
-Linear(256→4096)–BN–ReLU–Linear(→256) (:func:`sslbench.core.modules.maect_projector` / ``maect_predictor``), on the CLS
+Linear(256→4096)–BN–ReLU–Linear(→256) (:func:`maect_projector` / ``maect_predictor``), on the CLS
 token after the final norm (``pooling = "cls"``, ViT-L/H) or the mean of the final-normed patch tokens
 (``pooling = "mean_patch"``, ViT-B). Each view passes the head separately (per-view BatchNorm statistics, taken over
 the global batch of all processes).
 
-**Views.** Two independent random-resized crops (0.08, 1) + flip, nothing else (:func:`sslbench.data.views.maect_views`).
+**Views.** Two independent random-resized crops (0.08, 1) + flip, nothing else (:func:`maect_views`).
 
 **Target projector and queue.** An EMA copy of the projector (``target_momentum``: 0.99 for B/L, 0.995 for H; kept
 in train mode like the online one) projects both views for the nearest-neighbour lookup and for the queue. With

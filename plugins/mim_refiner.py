@@ -1,5 +1,5 @@
 """MIM-Refiner — contrastive ID heads on intermediate blocks of a pre-trained MIM encoder (Alkin et al. 2024,
-arXiv 2402.10093). Implementation facts: ``docs/METHODS.md`` (MIM-Refiner).
+arXiv 2402.10093). Implementation facts: ``docs/methods.md`` (MIM-Refiner).
 
 **Heads.** One ID head on the encoder output (CLS after the final norm, ``output_head``) and one on the CLS token of
 the *raw* residual stream (no norm) of each block in ``head_blocks`` (0-based, negatives count from the end). With
@@ -12,7 +12,7 @@ the views). The loss is ``Σ_h head_weights[h] · loss_h`` (weights 1 by default
 
 **Views.** ``global_views`` crops at the training size and ``local_views`` crops of ``local_size`` pixels
 (``0``: 3/7 of the image size rounded to a multiple of the patch size — 96 px for 224/16, 98 for 224/14, 12 for
-28/4), with the paper's augmentations (:func:`sslbench.data.views.mimrefiner_views`). Local crops pass the same encoder
+28/4), with the paper's augmentations (:func:`mimrefiner_views`). Local crops pass the same encoder
 with the position embedding resized bicubically to their grid.
 
 **Loss.** NNA (:func:`sslbench.core.losses.nna_loss`, τ = ``temperature``): the teacher vector z of a global view is the

@@ -93,3 +93,18 @@ def test_no_module_past_400_lines(folder):
     long = {str(p.relative_to(folder)): n for p in folder.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_the_docs_the_code_cites_exist():
+    """Code, recipes and READMEs cite docs/<page>.md: every cited page must be in the repository."""
+    import re
+
+    root = PACKAGE.parent
+    cited = {}
+    for path in [*PACKAGE.rglob("*.py"), *PLUGINS.glob("*.py"), *(root / "recipes").rglob("*.toml"),
+                 *root.glob("*.md"), *(root / "recipes").glob("*.md"), *(root / "docs").glob("*.md")]:
+        for page in re.findall(r"docs/([\w.-]+\.md)", path.read_text()):
+            cited.setdefault(page, path.name)
+    assert cited, "expected citations of docs/ pages"
+    missing = {page: where for page, where in cited.items() if not (root / "docs" / page).is_file()}
+    assert missing == {}

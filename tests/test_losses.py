@@ -65,7 +65,7 @@ def test_symmetric_nnclr_pairs_each_neighbour_with_the_other_views_prediction():
     nn0, nn1, p0, p1 = (torch.randn(3, 4, generator=g) for _ in range(4))
     tau = 0.3
     value = symmetric_nnclr_loss(nn0, nn1, p0, p1, tau)
-    # Explicit formula from METHODS.md (MAE-CT): ½[CE(nn1·p0ᵀ) + CE(nn0·p1ᵀ)].
+    # Explicit formula from docs/methods.md (MAE-CT): ½[CE(nn1·p0ᵀ) + CE(nn0·p1ᵀ)].
     n = torch.nn.functional.normalize
     expected = 0.0
     for a, b in [(nn1, p0), (nn0, p1)]:

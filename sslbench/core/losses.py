@@ -60,7 +60,7 @@ def symmetric_nnclr_loss(nn0: torch.Tensor, nn1: torch.Tensor, p0: torch.Tensor,
                          temperature: float, rank: int | None = None) -> torch.Tensor:
     """MAE-CT's symmetric NNCLR loss (Lehner et al. 2023): ``½[nnclr(nn1, p0) + nnclr(nn0, p1)]``.
 
-    The neighbour of one view is paired with the prediction of the *other* view (METHODS.md, MAE-CT).
+    The neighbour of one view is paired with the prediction of the *other* view (docs/methods.md, MAE-CT).
     """
     return 0.5 * (nnclr_loss(nn1, p0, temperature, rank) + nnclr_loss(nn0, p1, temperature, rank))
 
@@ -122,7 +122,7 @@ def infonce_loss(a: torch.Tensor, b: torch.Tensor, temperature: float, rank: int
 
 def masked_infonce_loss(student: torch.Tensor, teacher: torch.Tensor, masked: torch.Tensor,
                         temperature: float) -> torch.Tensor:
-    """MimCo-style patch loss (Zhou et al., ACM MM 2022, arXiv 2209.03063; details unverified, see METHODS.md).
+    """MimCo-style patch loss (Zhou et al., ACM MM 2022, arXiv 2209.03063; details unverified, see docs/methods.md).
 
     The student's prediction at each masked position must match the (detached) teacher feature at the same
     position; the negatives are the teacher features at all other masked positions of the batch, across images.

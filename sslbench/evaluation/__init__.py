@@ -3,7 +3,7 @@
 Every function takes ``(train_features, train_labels, test_features, test_labels, **options)`` —
 :func:`clustering` takes ``(features, labels, **options)`` — with features as float tensors or arrays (N, D) and
 integer labels (N,), and returns ``dict[str, float]`` (accuracies in percent). The protocols are those of
-``docs/METHODS.md``, "Evaluation protocols"; each module's docstring states every detail that affects a number.
+``docs/evaluation.md``; each module's docstring states every detail that affects a number.
 
 >>> import torch
 >>> from sslbench.evaluation import knn

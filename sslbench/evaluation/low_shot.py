@@ -5,7 +5,8 @@ MIM-Refiner (Alkin et al. 2024, section 4): 1, 2 and 5 images per class and 1% o
 mean ± standard deviation. The classifier is a multinomial logistic regression without intercept on frozen features
 that are centred (with the mean of the *selected* training rows) and L2-normalised.
 
-Penalty, precisely. METHODS gives "L2 penalty λ = 0.00025/N" (MSN passes ``lambd / N`` to cyanure, whose objective is
+Penalty, precisely. The protocol (docs/evaluation.md) is "L2 penalty λ = 0.00025/N" (MSN passes ``lambd / N`` to
+cyanure, whose objective is
 ``mean loss + (λ/2)·||W||²``). With ``n`` the number of selected training rows, we minimise
 
     mean_i CE(W·x_i, y_i) + (λ/2)·||W||²_F,   λ = lam / n.
