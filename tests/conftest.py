@@ -105,3 +105,20 @@ def layer_types(module) -> list[type]:
 def linears(module) -> list:
     return [layer for layer in module if isinstance(layer, torch.nn.Linear)]
 
+
+def kill_after_log_lines(argv: list[str], log, lines: int, env: dict, timeout: float = 180.0) -> None:
+    """Start ``sslbench argv`` and SIGKILL it as soon as ``log`` holds ``lines`` lines; assert that it was killed
+    (not finished) — as a pre-empted node or an out-of-memory kill would stop a run."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(sslbench_cmd() + argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and sum(1 for _ in log.open()) >= lines:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"

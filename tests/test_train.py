@@ -5,12 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
-import time
 import types
 
-import pytest
 import torch
 
 import sslbench
@@ -19,7 +16,7 @@ from sslbench.cli import main
 from sslbench.core.registry import build_registry
 from sslbench.training.resume import load_resume_state
 
-from .conftest import dump_recipe, sslbench_cmd
+from .conftest import dump_recipe, kill_after_log_lines, sslbench_cmd
 
 
 def _knn_values(run_dir):
@@ -46,17 +43,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_recipe):
     assert done.returncode == 0, done.stderr[-3000:]
 
     run_dir = tmp_path / "runs" / "resume"
-    proc = subprocess.Popen(sslbench_cmd() + ["run", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill it between two checkpoints, after the second one
-        log = run_dir / "log.jsonl"
-        if log.exists() and sum(1 for _ in log.open()) >= 8:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_log_lines(["run", str(path)], run_dir / "log.jsonl", 8, env)    # between the 2nd and 3rd checkpoint
     step = load_resume_state(run_dir / "checkpoints" / "last.pt")["meta"]["progress"]["global_step"]
     assert 3 <= step < 24 and step % 3 == 0
     assert not (run_dir / "metrics.csv").exists()

@@ -54,15 +54,14 @@ def test_exploding_mae_is_caught_and_nothing_non_finite_is_saved(tiny_recipe, tm
     assert not (run_dir / "metrics.csv").exists()
 
 
-class Quadratic(sslbench.Objective):
-    """loss = ½‖w‖²: plain SGD multiplies w by (1 − lr) per step, so lr = 100 overflows in about 20 steps while
-    every checkpoint before holds finite weights, and lr = 0.5 shrinks them again."""
+class ToyLoss(sslbench.Objective):
+    """An objective whose loss is a function of its own weight ``w`` only (the backbone joins with weight 0)."""
 
-    name = "quadratic"
+    initial = 1.0
 
     def __init__(self, backbone, opts, context):
         super().__init__(backbone, opts, context)
-        self.w = torch.nn.Parameter(torch.ones(4))
+        self.w = torch.nn.Parameter(torch.full((4,), self.initial))
 
     def views(self, data):
         from sslbench.data.views import Compose, IndependentCrops, Normalize
@@ -71,7 +70,18 @@ class Quadratic(sslbench.Objective):
 
     def forward(self, views, batch):
         tokens = self.backbone(views[0]).tokens
-        return {"loss": 0.5 * (self.w * self.w).sum() + 0 * tokens.sum(), "logs": {}}
+        return {"loss": self.loss(self.w) + 0 * tokens.sum(), "logs": {}}
+
+
+class Quadratic(ToyLoss):
+    """loss = ½‖w‖²: plain SGD multiplies w by (1 − lr) per step, so lr = 100 overflows in about 20 steps while
+    every checkpoint before holds finite weights, and lr = 0.5 shrinks them again."""
+
+    name = "quadratic"
+
+    @staticmethod
+    def loss(w):
+        return 0.5 * (w * w).sum()
 
 
 def _with_objective(monkeypatch, name, cls):
@@ -125,23 +135,15 @@ def test_changing_more_than_the_optimiser_is_still_refused(tiny_recipe, tmp_path
             "stages[0].options.mask_ratio", "--force")
 
 
-class InfiniteGradient(sslbench.Objective):
+class InfiniteGradient(ToyLoss):
     """A finite loss (0) whose gradient is infinite: d/dw sqrt(w) at w = 0."""
 
     name = "infinite_gradient"
+    initial = 0.0
 
-    def __init__(self, backbone, opts, context):
-        super().__init__(backbone, opts, context)
-        self.weight = torch.nn.Parameter(torch.zeros(3))
-
-    def views(self, data):
-        from sslbench.data.views import Compose, IndependentCrops, Normalize
-
-        return IndependentCrops(1, Compose([Normalize(data.mean, data.std)]))
-
-    def forward(self, views, batch):
-        tokens = self.backbone(views[0]).tokens
-        return {"loss": torch.sqrt(self.weight).sum() + 0 * tokens.sum(), "logs": {}}
+    @staticmethod
+    def loss(w):
+        return torch.sqrt(w).sum()
 
 
 def test_non_finite_gradient_with_finite_loss(tiny_recipe, write_recipe, refused, monkeypatch):

@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
 
-from ..conftest import TINY_RECIPE, dump_recipe, sslbench_cmd
+from ..conftest import TINY_RECIPE, dump_recipe, kill_after_log_lines, sslbench_cmd
 
 STEPS = 40
 
@@ -85,17 +84,7 @@ def test_kill_before_the_first_checkpoint(tmp_path, reference):
     path = tmp_path / "victim.toml"
     path.write_text(dump_recipe(_recipe(tmp_path / "runs", 0)))
     run_dir = tmp_path / "runs" / "victim"
-    proc = subprocess.Popen(sslbench_cmd() + ["run", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=_env(tmp_path))
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        log = run_dir / "log.jsonl"
-        if log.exists() and sum(1 for _ in log.open()) >= 5:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_log_lines(["run", str(path)], run_dir / "log.jsonl", 5, _env(tmp_path))
     assert not (run_dir / "checkpoints" / "last.pt").exists()
     _resume_and_compare(path, run_dir, tmp_path, reference)
 
