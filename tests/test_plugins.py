@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import pytest
 
@@ -67,53 +70,54 @@ def _install_plugin(tmp_path, name: str, source: str):
     return site
 
 
-THIRD_PARTY = textwrap.dedent('''
-    """A third-party objective: SimSiam-style negative cosine between two crops' CLS tokens."""
-    import torch
-    import torch.nn.functional as F
-
-    import sslbench
-    from sslbench.data.views import Compose, IndependentCrops, Normalize, RandomResizedCrop
+def readme_plugin() -> str:
+    """The objective of the README's "Writing a plugin" section, exactly as a user would copy it."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Writing a plugin"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
 
 
-    class CosineCrops(sslbench.Objective):
-        name = "cosine_crops"
-        description = "negative cosine similarity of two crops (toy third-party plugin)"
-        options = {"scale_min": sslbench.Option(0.3, float, "smallest crop area", min=0, max=1)}
-
-        def __init__(self, backbone, opts, context):
-            super().__init__(backbone, opts, context)
-            self.predictor = torch.nn.Linear(backbone.embed_dim, backbone.embed_dim)
-
-        def views(self, data):
-            crop = RandomResizedCrop(data.image_size, scale=(self.opts["scale_min"], 1.0))
-            return IndependentCrops(2, Compose([crop, Normalize(data.mean, data.std)]))
-
-        def forward(self, views, batch):
-            a, b = (self.backbone(v).tokens[:, 0] for v in views)
-            loss = -F.cosine_similarity(self.predictor(a), b.detach(), dim=-1).mean()
-            return {"loss": loss, "logs": {"cos": -loss.detach()}}
-
-
-    @sslbench.hookimpl
-    def register_objectives(register):
-        register("cosine_crops", CosineCrops)
-''')
-
-
-def test_third_party_objective_runs_from_a_recipe(tmp_path, tiny_recipe):
-    site = _install_plugin(tmp_path, "sslbench_cosine_crops", THIRD_PARTY)
-    env = {**os.environ, "PYTHONPATH": str(site)}
+def test_readme_objective_installs_as_a_separate_package_and_trains(tmp_path, tiny_recipe):
+    """A sixth objective written only against the documented contract (typed batch, keyed mask, EMA teacher),
+    installed with pip as its own distribution, is listed and trains from a recipe."""
+    package = tmp_path / "sslbench-masked-distill"
+    package.mkdir()
+    (package / "masked_distill.py").write_text(readme_plugin())
+    (package / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "sslbench-masked-distill"
+        version = "0.1"
+        [project.entry-points.sslbench]
+        masked_distill = "masked_distill"
+        [tool.setuptools]
+        py-modules = ["masked_distill"]
+    """))
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--no-index", "--target", str(site), str(package)], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(site), "TQDM_DISABLE": "1"}
     listing = subprocess.run(sslbench_cmd() + ["list"], capture_output=True, text=True, env=env)
-    assert "cosine_crops" in listing.stdout and "[plugin: sslbench_cosine_crops]" in listing.stdout
+    assert "masked_distill" in listing.stdout and "[plugin: masked_distill]" in listing.stdout
     recipe = tiny_recipe
     recipe["run"]["name"] = "third_party"
-    recipe["stages"] = [{"objective": "cosine_crops", "steps": 3, "batch_size": 32, "optimizer": {"lr": 1e-3},
-                         "options": {"scale_min": 0.5}}]
+    recipe["stages"] = [{"objective": "masked_distill", "steps": 3, "batch_size": 32, "optimizer": {"lr": 1e-3},
+                         "options": {"mask_ratio": 0.75}}]
     path = tmp_path / "third_party.toml"
     path.write_text(dump_recipe(recipe))
     out = subprocess.run(sslbench_cmd() + ["run", str(path), "--no-progress"], capture_output=True, text=True,
                          env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = (tmp_path / "runs" / "third_party" / "metrics.csv").read_text()
-    assert "cosine_crops" in metrics and "knn" in metrics
+    assert "masked_distill" in metrics and "knn" in metrics
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "runs" / "third_party" / "log.jsonl").open()]
+    assert len(losses) == 3 and all(-1.0 <= loss <= 1.0 for loss in losses)
+    bad = copy.deepcopy(recipe)
+    bad["stages"][0]["options"]["mask_ratio"] = 1.0
+    path.write_text(dump_recipe(bad))
+    refused = subprocess.run(sslbench_cmd() + ["run", str(path), "--no-progress"], capture_output=True, text=True,
+                             env=env, cwd=tmp_path)
+    assert refused.returncode == 2 and "stages[0].options.mask_ratio" in refused.stderr
