@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from sslbench.evaluation.suite import build_evaluators
-from sslbench.core.objective import StageContext
-from sslbench.training.optim import base_lr, frozen_names
+from sslbench.core.errors import RecipeError
 from sslbench.core.registry import get_registry
+from sslbench.training.context import RunContext
+from sslbench.training.optim import base_lr, frozen_names
 from sslbench.training.recipe import load_recipe, protocol_hash, recipe_hash, to_toml
-from sslbench.training.assembly import build_model
 
 
 def _count(params) -> int:
@@ -23,6 +22,13 @@ def _millions(n: int) -> str:
 
 
 def check_recipe(path: str, allow_missing: bool = False) -> int:
+    try:
+        return _check(path, allow_missing)
+    except RecipeError as exc:  # raised while building: name the recipe file
+        raise (exc if exc.source else exc.with_source(str(path))) from None
+
+
+def _check(path: str, allow_missing: bool) -> int:
     registry = get_registry()
     recipe = load_recipe(path, registry, check_files=not allow_missing)
     print(f"# {path}: valid")
@@ -35,19 +41,13 @@ def check_recipe(path: str, allow_missing: bool = False) -> int:
     if checkpoint and not Path(checkpoint).is_file():
         print(f"# warning: backbone.checkpoint {checkpoint} is not on this machine")
     with torch.device("meta"):
-        backbone, _ = build_model(recipe, registry, load_weights=False)
+        context = RunContext.build(recipe, registry, data="none", load_weights=False, accelerator=False)
+        backbone = context.backbone
         print(f"Backbone {recipe['backbone']['model']}: {_millions(_count(backbone.parameters()))} parameters, "
               f"{backbone.depth} blocks, width {backbone.embed_dim}, {backbone.num_patches} patches")
-        objective = None
-        for i, stage in enumerate(recipe["stages"]):
-            context = StageContext(i, 1, 1, 1, 0, recipe["run"]["seed"])
-            if objective is not None and objective.name == stage["objective"]:
-                objective.start_stage(stage["options"], context)
-                carried = " (carried over)"
-            else:
-                factory = registry.get("objective", stage["objective"]).factory
-                objective = factory(backbone, stage["options"], context)
-                carried = ""
+        for i, objective, carried_over in context.objective_chain():
+            stage = recipe["stages"][i]
+            carried = " (carried over)" if carried_over else ""
             frozen = frozen_names(objective, stage["freeze"], backbone.depth, f"stages[{i}].freeze")
             named = dict(objective.named_parameters())
             heads = _count(p for n, p in named.items() if not n.startswith("backbone."))
@@ -59,8 +59,7 @@ def check_recipe(path: str, allow_missing: bool = False) -> int:
                   f"layer decay {stage['layer_decay']:g}, EMA {stage['ema_momentum']:g}")
             print(f"    objective modules {_millions(heads)}; trainable {_millions(trainable)} of "
                   f"{_millions(_count(named.values()))}; frozen: {', '.join(stage['freeze']) or 'nothing'}")
-    evaluators = build_evaluators(registry, recipe["eval"], backbone.depth, source=str(path))
-    for e, evaluator in zip(recipe["eval"], evaluators):
+    for e, evaluator in zip(recipe["eval"], context.evaluators):
         opts = ", ".join(f"{k}={v}" for k, v in e.items() if k != "name")
         print(f"Evaluate {e['name']}: {opts} ({len(evaluator.requests(backbone.depth))} feature request(s))")
     return 0

@@ -25,12 +25,10 @@ import torch
 
 from sslbench.data.dataset import ImageDataset, InMemoryLoader
 from sslbench.core.errors import RecipeError
-from sslbench.evaluation.suite import build_evaluators
-from sslbench.core.objective import StageContext
 from sslbench.core.registry import get_registry
 from sslbench.training.recipe import load_recipe
 from sslbench.data.geometry import image_size
-from sslbench.training.assembly import build_model, data_info, make_accelerator
+from sslbench.training.context import RunContext
 from sslbench.training.trainer import Progress, StageTrainer
 
 SYNTHETIC_IMAGES = 2
@@ -82,27 +80,8 @@ def _checkpoint_note(recipe: dict, registry, backbone) -> str:
     return note
 
 
-def _objective(registry, recipe: dict, backbone, index: int, previous, accelerator):
-    """The stage's objective, carried over from the previous stage when it is the same one (as in a run)."""
-    stage = recipe["stages"][index]
-    context = StageContext(stage_index=index, steps_per_epoch=1, total_steps=1, num_processes=1, process_index=0,
-                           seed=recipe["run"]["seed"])
-    if previous is not None and previous.name == stage["objective"]:
-        previous.start_stage(stage["options"], context)
-        return previous, True
-    torch.manual_seed(recipe["run"]["seed"] * 1000 + index + 1)
-    factory = registry.get("objective", stage["objective"]).factory
-    return factory(backbone, stage["options"], context).to(accelerator.device), False
-
-
 def _one_step_stage(stage: dict, n: int) -> dict:
     return {**stage, "batch_size": n, "grad_accum": 1, "steps": 1, "epochs": None}
-
-
-def _check_evaluators(registry, recipe: dict, depth: int) -> list[str]:
-    evaluators = build_evaluators(registry, recipe["eval"], depth)
-    return [f"Evaluate {e['name']}{' (EMA)' if e['use_ema'] else ''}: built, "
-            f"{len(evaluator.requests(depth))} feature request(s)" for e, evaluator in zip(recipe["eval"], evaluators)]
 
 
 def dry_run_recipe(path: str, seed: int | None = None) -> int:
@@ -124,16 +103,16 @@ def dry_run_recipe(path: str, seed: int | None = None) -> int:
 
 def _dry_run(recipe: dict, registry, path: str, start: float) -> None:
     torch.manual_seed(recipe["run"]["seed"])
-    backbone, _ = build_model(recipe, registry, load_weights=Path(recipe["backbone"]["checkpoint"] or "").is_file())
+    context = RunContext.build(recipe, registry, data="synthetic", synthetic=synthetic_dataset,
+                               load_weights=Path(recipe["backbone"]["checkpoint"] or "").is_file())
+    backbone, accelerator = context.backbone, context.accelerator
     note = _checkpoint_note(recipe, registry, backbone)
-    dataset = synthetic_dataset(recipe, backbone)
-    info = data_info(recipe, dataset, backbone)
+    dataset, info = context.datasets["train"], context.data
     print(f"# dry run of {path}: CPU, fp32, {len(dataset)} synthetic {info.channels}x{dataset.size[0]}x"
           f"{dataset.size[1]} images, one optimiser step per stage; nothing is written")
     backbone_params = sum(p.numel() for p in backbone.parameters())
     print(f"Backbone {recipe['backbone']['model']}: {_millions(backbone_params)} parameters, {backbone.depth} "
           f"blocks, width {backbone.embed_dim}, {backbone.num_patches} patches of {backbone.patch_size} px; {note}")
-    accelerator = make_accelerator(recipe)
     records: list[dict] = []
 
     def loader(data, batch_size, data_seed, start_step):
@@ -142,7 +121,7 @@ def _dry_run(recipe: dict, registry, path: str, start: float) -> None:
     objective, progress = None, Progress()
     for index, stage in enumerate(recipe["stages"]):
         began = time.perf_counter()
-        objective, carried = _objective(registry, recipe, backbone, index, objective, accelerator)
+        objective, carried = context.objective(index, objective)
         trainer = StageTrainer(accelerator, objective, _one_step_stage(stage, len(dataset)), index, recipe,
                                dataset, info, loader, records.append)
         views = [tuple(v.shape[1:]) for v in trainer.views(dataset.images.float() / 255, _probe_rng(dataset))]
@@ -159,8 +138,9 @@ def _dry_run(recipe: dict, registry, path: str, start: float) -> None:
               f"{len(trainer.optimizer.param_groups)} param groups; loss {records[-1]['loss']:.4f}; "
               f"{time.perf_counter() - began:.1f} s")
         trainer = None
-    for line in _check_evaluators(registry, recipe, backbone.depth):
-        print(line)
+    for e, evaluator in zip(recipe["eval"], context.evaluators):
+        print(f"Evaluate {e['name']}{' (EMA)' if e['use_ema'] else ''}: built, "
+              f"{len(evaluator.requests(backbone.depth))} feature request(s)")
     print(f"Dry run passed: wall time {time.perf_counter() - start:.1f} s, peak memory (max RSS) "
           f"{peak_memory_gb():.2f} GB")
 

@@ -106,13 +106,13 @@ def evaluate_checkpoint(recipe_path: str, checkpoint: str, fmt: str | None = Non
     The recipe's ``backbone.checkpoint_trusted`` is about the recipe's own checkpoint file and is never passed on
     to ``checkpoint``: a file named here may unpickle Python objects only with ``trust_checkpoint``
     (``--trust-checkpoint``), which the resolved recipe records."""
-    from sslbench.evaluation.suite import build_evaluators, evaluate_backbone, preflight_evaluators
+    from sslbench.evaluation.suite import evaluate_backbone
     from sslbench.training.recipe import check_run_name
     from sslbench.training.run_folder import write_meta
     from sslbench.core.registry import get_registry
     from sslbench.training.recipe import load_recipe
     from sslbench.training.publish import dataset_label, metric_rows, publish_rows
-    from sslbench.training.assembly import build_model, load_datasets, make_accelerator
+    from sslbench.training.context import RunContext
 
     registry = get_registry()
     # The recipe's own checkpoint is replaced, so it need not exist here.
@@ -131,18 +131,15 @@ def evaluate_checkpoint(recipe_path: str, checkpoint: str, fmt: str | None = Non
     recipe["eval"] = plain_evals(recipe["eval"])
     run_dir = Path(recipe["run"]["output_dir"]) / name
     _check_dir(run_dir)
-    accelerator = make_accelerator(recipe)
-    try:
-        backbone, _ = build_model(recipe, registry)             # a wrong format or shape fails here, before any file
+    try:   # a wrong format or shape, or data the evaluators cannot use, fails here, before any file
+        context = RunContext.build(recipe, registry, training=False)
     except RecipeError as exc:
         if exc.key != "backbone.checkpoint_trusted":
-            raise
+            raise (exc if exc.source else exc.with_source(recipe_path)) from None
         raise UserError(f"--checkpoint: {path} pickles Python objects besides tensors, and loading it would run "
                         "code from the file; if you trust its source, pass --trust-checkpoint (the recipe's "
                         "checkpoint_trusted does not apply to a file named on the command line)") from None
-    datasets = load_datasets(recipe, registry, accelerator)
-    preflight_evaluators(recipe["eval"], build_evaluators(registry, recipe["eval"], backbone.depth), datasets,
-                         source=recipe_path)
+    accelerator, backbone, datasets = context.accelerator, context.backbone, context.datasets
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_meta(run_dir, recipe, evaluated_checkpoint={"path": str(path), "format": fmt,

@@ -17,15 +17,13 @@ import torch
 
 from sslbench.core.version import __version__
 from sslbench.core.errors import RecipeError, TrainingDiverged
-from sslbench.evaluation.suite import build_evaluators, preflight_evaluators
 from sslbench.core.io import atomic_torch_save
 from sslbench.core.modules import EMA
-from sslbench.core.objective import DataInfo, StageContext
 from sslbench.training.recipe import recipe_hash
 from sslbench.training.resume import load_resume_state, rng_state, save_resume_state, set_rng_state
 from sslbench.training.run_folder import open_run_folder, run_dir_of
-from sslbench.training.assembly import build_model, data_info, load_datasets, make_accelerator
-from sslbench.training.trainer import Progress, StageTrainer, append_jsonl, stage_length, truncate_log
+from sslbench.training.context import RunContext
+from sslbench.training.trainer import Progress, StageTrainer, append_jsonl, truncate_log
 
 __all__ = ["Run", "run_recipe", "run_dir_of"]
 
@@ -48,17 +46,11 @@ class Run:
                  allow_optimizer_change: bool = False):
         self.recipe = recipe
         self.registry = registry
-        self.accelerator = make_accelerator(recipe)
-        acc = self.accelerator
-        seed = recipe["run"]["seed"]
-        _seed_everything(seed)
-        self.backbone, self.load_report = build_model(recipe, registry)
-        self.evaluators = build_evaluators(registry, recipe["eval"], self.backbone.depth)
-        self.datasets = load_datasets(recipe, registry, acc)
-        preflight_evaluators(recipe["eval"], self.evaluators, self.datasets)
-        self.data_info: DataInfo = data_info(recipe, self.datasets["train"], self.backbone)
-        for index, stage in enumerate(recipe["stages"]):
-            stage_length(stage, len(self.datasets["train"]), f"stages[{index}]")
+        _seed_everything(recipe["run"]["seed"])
+        self.context = RunContext.build(recipe, registry)
+        self.accelerator = acc = self.context.accelerator
+        self.backbone, self.load_report = self.context.backbone, self.context.load_report
+        self.datasets, self.data_info = self.context.datasets, self.context.data
         self.run_dir = run_dir_of(recipe)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.log_path = self.run_dir / "log.jsonl"
@@ -115,22 +107,8 @@ class Run:
         self.last_saved_step = progress.global_step
         acc.wait_for_everyone()
 
-    def _build_objective(self, index: int, previous):
-        stage = self.recipe["stages"][index]
-        steps_per_epoch, total = stage_length(stage, len(self.datasets["train"]))
-        context = StageContext(stage_index=index, steps_per_epoch=steps_per_epoch, total_steps=total,
-                               num_processes=self.accelerator.num_processes,
-                               process_index=self.accelerator.process_index, seed=self.recipe["run"]["seed"])
-        if previous is not None and previous.name == stage["objective"]:
-            previous.start_stage(stage["options"], context)
-            return previous
-        # Heads are initialised from a seed of their own, so a resumed run builds the same ones.
-        torch.manual_seed(self.recipe["run"]["seed"] * 1000 + index + 1)
-        factory = self.registry.get("objective", stage["objective"]).factory
-        return factory(self.backbone, stage["options"], context).to(self.accelerator.device)
-
     def _build_trainer(self, index: int, previous) -> StageTrainer:
-        objective = self._build_objective(index, previous)
+        objective, _ = self.context.objective(index, previous)
         return StageTrainer(self.accelerator, objective, self.recipe["stages"][index], index, self.recipe,
                             self.datasets["train"], self.data_info, self._loader, self._log)
 

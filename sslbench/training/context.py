@@ -1,0 +1,95 @@
+"""The run context: what a recipe names, built once and in one place for ``run``, ``eval``, ``check`` and
+``--dry-run`` — the accelerator, the backbone with its checkpoint, the evaluators (checked against the backbone),
+the data (real, synthetic, or none), and the objective of each stage, carried from stage to stage.
+
+    >>> # sslbench check: the model on the meta device, no data, no accelerator
+    >>> # context = RunContext.build(recipe, registry, data="none", load_weights=False, accelerator=False)
+    >>> # for index, objective, carried in context.objective_chain(): ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from sslbench.core.objective import DataInfo, StageContext
+from sslbench.evaluation.suite import build_evaluators, preflight_evaluators
+from sslbench.training.assembly import build_model, data_info, load_datasets, make_accelerator
+from sslbench.training.trainer import stage_length
+
+
+def build_objective(registry, recipe: dict, backbone, index: int, previous, context: StageContext,
+                    device: Any = None):
+    """The objective of stage ``index``: ``previous`` carried over (heads, queues, teachers; ``start_stage`` takes
+    the new options) when the stage names the same objective, else a new one. A new one is initialised from a
+    seed of its own (``seed·1000 + index + 1``), so a resumed run builds exactly the same heads.
+    Returns ``(objective, carried)``."""
+    stage = recipe["stages"][index]
+    if previous is not None and previous.name == stage["objective"]:
+        previous.start_stage(stage["options"], context)
+        return previous, True
+    torch.manual_seed(recipe["run"]["seed"] * 1000 + index + 1)
+    objective = registry.get("objective", stage["objective"]).factory(backbone, stage["options"], context)
+    return (objective.to(device) if device is not None else objective), False
+
+
+@dataclass
+class RunContext:
+    """Everything a recipe names, built once. ``datasets`` is empty and ``data`` ``None`` without data;
+    ``accelerator`` is ``None`` when not asked for (``check``)."""
+
+    recipe: dict
+    registry: Any
+    backbone: Any
+    load_report: Any = None
+    accelerator: Any = None
+    evaluators: list = field(default_factory=list)
+    datasets: dict = field(default_factory=dict)
+    data: DataInfo | None = None
+    real_data: bool = False
+
+    @classmethod
+    def build(cls, recipe: dict, registry, *, data: str = "load", load_weights: bool = True,
+              accelerator: bool = True, synthetic=None, training: bool = True) -> "RunContext":
+        """``data``: ``"load"`` (the recipe's sources; evaluators checked against them), ``"synthetic"``
+        (``synthetic(recipe, backbone)`` builds the training set) or ``"none"``. ``training=False`` (``eval``)
+        skips checking the stages against the data."""
+        acc = make_accelerator(recipe) if accelerator else None
+        backbone, report = build_model(recipe, registry, load_weights=load_weights)
+        context = cls(recipe, registry, backbone, report, acc,
+                      build_evaluators(registry, recipe["eval"], backbone.depth))
+        if data == "load":
+            context.datasets, context.real_data = load_datasets(recipe, registry, acc), True
+            preflight_evaluators(recipe["eval"], context.evaluators, context.datasets)
+            for index, stage in enumerate(recipe["stages"] if training else []):   # impossible batch sizes
+                stage_length(stage, len(context.datasets["train"]), f"stages[{index}]")
+        elif data == "synthetic":
+            context.datasets = {"train": synthetic(recipe, backbone)}
+        if context.datasets:
+            context.data = data_info(recipe, context.datasets["train"], backbone)
+        return context
+
+    def stage_context(self, index: int) -> StageContext:
+        """Where stage ``index`` stands: its length in steps (1 without the recipe's data), the processes, the seed."""
+        stage = self.recipe["stages"][index]
+        steps_per_epoch, total = (stage_length(stage, len(self.datasets["train"]), f"stages[{index}]")
+                                  if self.real_data else (1, 1))
+        acc = self.accelerator
+        return StageContext(stage_index=index, steps_per_epoch=steps_per_epoch, total_steps=total,
+                            num_processes=acc.num_processes if acc else 1,
+                            process_index=acc.process_index if acc else 0, seed=self.recipe["run"]["seed"])
+
+    def objective(self, index: int, previous=None):
+        """:func:`build_objective` for stage ``index`` on this context's backbone and device."""
+        device = self.accelerator.device if self.accelerator is not None else None
+        return build_objective(self.registry, self.recipe, self.backbone, index, previous, self.stage_context(index),
+                               device)
+
+    def objective_chain(self) -> Iterator[tuple[int, Any, bool]]:
+        """``(index, objective, carried)`` for every stage, carrying objectives over as a run does."""
+        objective = None
+        for index in range(len(self.recipe["stages"])):
+            objective, carried = self.objective(index, objective)
+            yield index, objective, carried
