@@ -13,7 +13,7 @@ transforms they are built from live in :mod:`sslbench.data.transforms` (re-expor
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 from torch import Tensor
 

@@ -1,12 +1,12 @@
-"""Evaluate a run's backbone (and its EMA where asked) and write the rows: ``metrics.csv`` and the leaderboard."""
+"""Publishing results: metric rows with everything that identifies them, ``metrics.csv``, the per-block table and
+plot, and the refreshed leaderboard. Used by ``sslbench run`` (:meth:`sslbench.training.run.Run.report`) and
+``sslbench eval``."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from sslbench.evaluation.suite import evaluate_backbone
 from sslbench.training.recipe import protocol_hash, recipe_hash
 
 
@@ -40,26 +40,6 @@ def backbone_label(recipe: dict) -> str:
 def dataset_label(recipe: dict) -> str:
     train = recipe["data"]["train"]
     return train["source"] + (f":{train['path']}" if train.get("path") else "")
-
-
-def report_run(run, stage_name: str) -> list[dict]:
-    """Evaluate after a stage; write metrics.csv and refresh the leaderboard beside the runs folder."""
-    recipe = run.recipe
-    results = []
-    for use_ema in (False, True):
-        evals = [e for e in recipe["eval"] if e["use_ema"] == use_ema]
-        if evals:
-            results += evaluate_backbone(recipe, run.registry, run.eval_backbone(use_ema), run.datasets,
-                                         run.accelerator, evals=evals)
-    if not run.accelerator.is_main_process:
-        return []
-    start = recipe["backbone"]["checkpoint"] or "scratch"
-    # Seeds of one recipe share a checkpoint label, so the leaderboard averages them.
-    recipe_name = re.sub(r"-seed\d+$", "", run.run_dir.name)
-    rows = metric_rows(recipe, results, run_id=run.run_dir.name, objective=run.objective_chain(), stage=stage_name,
-                       checkpoint=f"{start} → {recipe_name}/{stage_name}")
-    publish_rows(run.run_dir, rows, Path(recipe["run"]["output_dir"]))
-    return rows
 
 
 def publish_rows(run_dir: Path, rows: list[dict], runs_root: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import torch
 from sslbench.core.version import __version__
 from sslbench.core.errors import RecipeError, TrainingDiverged
 from sslbench.core.io import atomic_torch_save
+from sslbench.evaluation.suite import evaluate_backbone
+from sslbench.training.publish import metric_rows, publish_rows
 from sslbench.core.modules import EMA
 from sslbench.training.recipe import recipe_hash
 from sslbench.training.resume import load_resume_state, rng_state, save_resume_state, set_rng_state
@@ -112,7 +115,28 @@ class Run:
         return StageTrainer(self.accelerator, objective, self.recipe["stages"][index], index, self.recipe,
                             self.datasets["train"], self.data_info, self._loader, self._log)
 
-    def train(self, evaluate_stage=None) -> None:
+    def report(self, stage_name: str) -> list[dict]:
+        """Evaluate the backbone (and its EMA where asked) after a stage; write ``metrics.csv`` and refresh the
+        leaderboard beside the runs folder. Returns the rows (none on processes other than the main one)."""
+        recipe, results = self.recipe, []
+        for use_ema in (False, True):
+            evals = [e for e in recipe["eval"] if e["use_ema"] == use_ema]
+            if evals:
+                results += evaluate_backbone(recipe, self.registry, self.eval_backbone(use_ema), self.datasets,
+                                             self.accelerator, evals=evals)
+        if not self.accelerator.is_main_process:
+            return []
+        start = recipe["backbone"]["checkpoint"] or "scratch"
+        # Seeds of one recipe share a checkpoint label, so the leaderboard averages them.
+        recipe_name = re.sub(r"-seed\d+$", "", self.run_dir.name)
+        rows = metric_rows(recipe, results, run_id=self.run_dir.name, objective=self.objective_chain(),
+                           stage=stage_name, checkpoint=f"{start} → {recipe_name}/{stage_name}")
+        publish_rows(self.run_dir, rows, Path(recipe["run"]["output_dir"]))
+        return rows
+
+    def train(self, evaluate_stages: bool = False) -> None:
+        """Train every stage (from where a resumed run stands); with ``evaluate_stages`` and ``run.evaluate =
+        "each_stage"``, :meth:`report` after every stage but the last."""
         run = self.recipe["run"]
         objective = None
         if self.progress.finished and self.resume_state is not None:
@@ -139,8 +163,8 @@ class Run:
                 self._save(trainer, self.progress, "stage_end")
             except TrainingDiverged as exc:
                 raise TrainingDiverged(f"{exc}; {self._resume_advice()}") from None
-            if evaluate_stage is not None and run["evaluate"] == "each_stage" and index + 1 < len(self.recipe["stages"]):
-                evaluate_stage(stage["name"])
+            if evaluate_stages and run["evaluate"] == "each_stage" and index + 1 < len(self.recipe["stages"]):
+                self.report(stage["name"])
         self.export_backbone()
 
     def _resume_advice(self) -> str:
@@ -196,7 +220,6 @@ def run_recipe(path: str, *, resume: bool = False, force: bool = False, seed: in
     """Train and evaluate a recipe file; returns the run folder."""
     from sslbench.core.registry import get_registry
     from sslbench.training.recipe import check_run_name, load_recipe
-    from sslbench.training.publish import report_run
 
     registry = get_registry()
     recipe = load_recipe(path, registry)
@@ -209,8 +232,8 @@ def run_recipe(path: str, *, resume: bool = False, force: bool = False, seed: in
     except RecipeError as exc:  # raised while building (e.g. backbone.checkpoint_trusted): name the recipe file
         raise (exc if exc.source else exc.with_source(str(path))) from None
     try:
-        run.train(evaluate_stage=lambda stage_name: report_run(run, stage_name))
-        report_run(run, recipe["stages"][-1]["name"])
+        run.train(evaluate_stages=True)
+        run.report(recipe["stages"][-1]["name"])
     except BaseException:
         if not existed and run.accelerator.is_main_process:
             _remove_if_unstarted(run.run_dir, recipe)
