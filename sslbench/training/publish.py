@@ -52,4 +52,6 @@ def publish_rows(run_dir: Path, rows: list[dict], runs_root: Path) -> None:
     write_run_per_block(run_dir)
     for row in rows:
         print(f"{row['evaluator']:>12} {row['metric']:<10} {row['variant']:<34} {row['value']:8.2f}")
-    refresh_leaderboard(runs_root, runs_root.parent / "leaderboard.csv")
+    board, _ = refresh_leaderboard(runs_root, runs_root.parent / "leaderboard.csv")
+    print(f"results: {run_dir / 'metrics.csv'} (recipe, log and checkpoints in {run_dir}); leaderboard: "
+          f"{board.with_suffix('.md')}")

@@ -80,7 +80,7 @@ def test_bad_recipe_is_refused_in_one_line_and_leaves_nothing(change, expected, 
     assert not (tmp_path / "leaderboard.csv").exists()
 
 
-def test_corrected_recipe_then_runs_without_force(tiny_recipe, tmp_path, write_recipe, refused):
+def test_corrected_recipe_then_runs_without_force(tiny_recipe, tmp_path, write_recipe, refused, capsys):
     bad = copy.deepcopy(tiny_recipe)
     bad["stages"][0]["batch_size"] = 100_000
     refused(["run", write_recipe(bad), "--no-progress"], "batch_size")
@@ -88,6 +88,8 @@ def test_corrected_recipe_then_runs_without_force(tiny_recipe, tmp_path, write_r
 
     assert main(["run", str(write_recipe(tiny_recipe)), "--no-progress"]) == 0
     assert (tmp_path / "runs" / "tiny" / "metrics.csv").is_file()
+    last = capsys.readouterr().out.strip().splitlines()[-1]          # the run says where its results went
+    assert last.startswith(f"results: {tmp_path / 'runs' / 'tiny' / 'metrics.csv'}") and "leaderboard.md" in last
 
 
 def test_a_good_image_folder_trains(tiny_recipe, tmp_path, write_recipe):
