@@ -70,18 +70,18 @@ def compare(raw_recipe: dict, title: str, args: argparse.Namespace) -> float:
     backbone, _ = build_model(recipe, registry)
     datasets = load_datasets(recipe, registry, accelerator)
     info = data_info(recipe, datasets["train"], backbone)
-    stage = recipe["stages"][0]
+    stage = recipe.stages[0]
     context = StageContext(0, len(datasets["train"]) // args.batch_size, args.steps, 1, 0, 0)
-    objective = registry.get("objective", stage["objective"]).factory(backbone, stage["options"], context)
+    objective = registry.get("objective", stage.objective).factory(backbone, dict(stage.options), context)
     bare_objective = copy.deepcopy(objective)
     trainer = StageTrainer(accelerator, objective, stage, 0, recipe, datasets["train"], info, loader,
                            log=lambda record: None)
 
-    frozen = frozen_names(bare_objective, stage["freeze"], backbone.depth, "freeze")
+    frozen = frozen_names(bare_objective, stage.freeze, backbone.depth, "freeze")
     for name, param in bare_objective.named_parameters():
         param.requires_grad_(name not in frozen)
     groups = param_groups(bare_objective, bare_objective.backbone, stage, frozen)
-    optimizer = torch.optim.AdamW(groups, lr=stage["optimizer"]["lr"], betas=tuple(stage["optimizer"]["betas"]))
+    optimizer = torch.optim.AdamW(groups, lr=stage.optimizer.lr, betas=tuple(stage.optimizer.betas))
     views_fn = bare_objective.views(info)
     it = iter(loader(datasets["train"], args.batch_size, 0, 0))
     batches = [{k: b[k] for k in ("images", "index")} for b in (next(it) for _ in range(args.steps))]

@@ -122,3 +122,18 @@ def kill_after_log_lines(argv: list[str], log, lines: int, env: dict, timeout: f
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def stage_spec(**changes):
+    """A validated stage as a run sees it (every key filled in by the recipe schema) with ``changes``; the
+    ``optimizer`` and ``schedule`` tables given as dicts of their own changes."""
+    from sslbench.core.options import validate_options
+    from sslbench.training.recipe import OPTIMIZER, SCHEDULE, STAGE
+    from sslbench.training.spec import OptimizerSpec, ScheduleSpec, StageSpec
+
+    optimizer = validate_options(OPTIMIZER, {"lr": 1e-3, **changes.pop("optimizer", {})}, "optimizer")
+    schedule = validate_options(SCHEDULE, changes.pop("schedule", {}), "schedule")
+    stage = validate_options(STAGE, {"objective": "mae", "steps": 1, **changes}, "stage")
+    return StageSpec(**{**stage, "name": stage["name"] or "stage0", "freeze": tuple(stage["freeze"]),
+                        "optimizer": OptimizerSpec(**{**optimizer, "betas": tuple(optimizer["betas"])}),
+                        "schedule": ScheduleSpec(**schedule)})

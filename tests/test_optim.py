@@ -11,6 +11,8 @@ from torch import nn
 from sslbench.core.errors import RecipeError
 from sslbench.training.optim import StageSchedule, build_optimizer, frozen_names, lr_at, param_groups
 
+from .conftest import stage_spec
+
 
 class TinyBackbone(nn.Module):
     """Parameter names laid out like sslbench's Backbone (``vit.*``) with depth 2."""
@@ -44,12 +46,11 @@ class TinyObjective(nn.Module):
 
 
 def _stage(**overrides):
-    stage = {"name": "s", "layer_decay": 0.5, "batch_size": 512,
-             "optimizer": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "momentum": 0.9,
-                           "weight_decay": 0.05, "head_weight_decay": 1e-5, "scale_lr_by_batch": True},
-             "schedule": {"kind": "cosine", "warmup_epochs": 1.0, "warmup_fraction": None, "final_lr": 1e-6}}
-    stage.update(overrides)
-    return stage
+    return stage_spec(**{"name": "s", "layer_decay": 0.5, "batch_size": 512,
+                         "optimizer": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                       "momentum": 0.9, "weight_decay": 0.05, "head_weight_decay": 1e-5,
+                                       "scale_lr_by_batch": True},
+                         "schedule": {"kind": "cosine", "warmup_epochs": 1.0, "final_lr": 1e-6}, **overrides})
 
 
 def _group_of(groups, param):

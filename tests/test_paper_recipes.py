@@ -39,15 +39,15 @@ def test_paper_recipes_share_data_and_protocol():
     recipes = {name: load_recipe(RECIPES / name, registry, check_files=False) for name in PAPER_RECIPES}
     assert len({protocol_hash(r) for r in recipes.values()}) == 1, "leaderboard rows would not be comparable"
     for recipe in recipes.values():
-        assert recipe["data"]["train"] == {**recipe["data"]["train"], "source": "hf", "path": "ILSVRC/imagenet-1k"}
-        heads, tuning = recipe["stages"]
-        assert heads["freeze"] == ["backbone"] and tuning["layer_decay"] == 0.65
+        assert dict(recipe.data.train) == {**recipe.data.train, "source": "hf", "path": "ILSVRC/imagenet-1k"}
+        heads, tuning = recipe.stages
+        assert heads.freeze == ("backbone",) and tuning.layer_decay == 0.65
     refiner_l, refiner_h = recipes["mimrefiner_vitl.toml"], recipes["mimrefiner_d2v2_vith14.toml"]
-    assert refiner_h["backbone"]["checkpoint_trusted"] and not refiner_l["backbone"]["checkpoint_trusted"]
-    assert [s["options"]["topk"] for s in refiner_l["stages"]] == [1, 20]
-    assert refiner_l["stages"][0]["options"]["head_blocks"] == list(range(16, 23))
-    assert refiner_h["stages"][0]["options"]["head_blocks"] == list(range(20, 31))
-    assert all(e["use_ema"] for e in refiner_l["eval"]) and refiner_l["stages"][1]["ema_momentum"] == 0.9999
+    assert refiner_h.backbone.checkpoint_trusted and not refiner_l.backbone.checkpoint_trusted
+    assert [s.options["topk"] for s in refiner_l.stages] == [1, 20]
+    assert refiner_l.stages[0].options["head_blocks"] == list(range(16, 23))
+    assert refiner_h.stages[0].options["head_blocks"] == list(range(20, 31))
+    assert all(e.use_ema for e in refiner_l.eval) and refiner_l.stages[1].ema_momentum == 0.9999
 
 
 def test_pretraining_recipes_share_the_refinement_protocol():

@@ -89,13 +89,38 @@ def test_defaults_are_filled_and_stages_inherit(tiny_recipe):
     raw = copy.deepcopy(tiny_recipe)
     raw["stages"].append({"objective": "mae", "steps": 2, "optimizer": {"lr": 5e-4}})
     recipe = resolve(raw, get_registry())
-    first, second = recipe["stages"]
-    assert first["name"] == "stage0" and second["name"] == "stage1"
-    assert first["optimizer"]["weight_decay"] == 0.05 and first["grad_accum"] == 1
+    first, second = recipe.stages
+    assert first.name == "stage0" and second.name == "stage1"
+    assert first.optimizer.weight_decay == 0.05 and first.grad_accum == 1
     # the second stage keeps what it did not override, including the objective's options
-    assert second["optimizer"]["betas"] == [0.9, 0.95] and second["optimizer"]["lr"] == 5e-4
-    assert second["options"]["decoder_dim"] == 32 and second["batch_size"] == 64
-    assert recipe["run"]["checkpoint_every"] == 0 and recipe["eval"][0]["temperature"] == 0.07
+    assert second.optimizer.betas == (0.9, 0.95) and second.optimizer.lr == 5e-4
+    assert second.options["decoder_dim"] == 32 and second.batch_size == 64
+    assert recipe.run.checkpoint_every == 0 and recipe.eval[0].options["temperature"] == 0.07
+
+
+def test_the_typed_recipe_is_frozen_mirrors_the_schemas_and_keeps_its_hashes(tiny_recipe):
+    """Attributes, not string keys: one field per declared option, nothing assignable, and the canonical form (what
+    is hashed and written to recipe.json) unchanged by the typing."""
+    import dataclasses
+
+    from sslbench.training import recipe as schemas
+    from sslbench.training.spec import (BackboneSpec, DataSpec, OptimizerSpec, RunSpec, ScheduleSpec, StageSpec,
+                                        canonical_hash, hashed_form)
+
+    for spec, schema in [(RunSpec, schemas.RUN), (BackboneSpec, schemas.BACKBONE), (DataSpec, schemas.DATA),
+                         (StageSpec, schemas.STAGE), (OptimizerSpec, schemas.OPTIMIZER),
+                         (ScheduleSpec, schemas.SCHEDULE)]:
+        assert [f.name for f in dataclasses.fields(spec)] == list(schema), spec.__name__
+    recipe = resolve(copy.deepcopy(tiny_recipe), get_registry())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.run.seed = 1
+    with pytest.raises(TypeError):
+        recipe.stages[0].options["mask_ratio"] = 0.5
+    assert recipe.recipe_hash == canonical_hash(hashed_form(recipe.as_dict()))
+    assert resolve(recipe.as_dict(), get_registry()) == recipe            # the canonical form resolves to itself
+    seeded = recipe.replace(run={"seed": 7})
+    assert seeded.run.seed == 7 and recipe.run.seed == 0
+    assert seeded.recipe_hash != recipe.recipe_hash and seeded.protocol_hash == recipe.protocol_hash
 
 
 def test_hashes_ignore_cosmetic_keys_and_protocol_ignores_training(tiny_recipe):

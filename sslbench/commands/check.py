@@ -10,7 +10,7 @@ from sslbench.core.errors import RecipeError
 from sslbench.core.registry import get_registry
 from sslbench.training.context import RunContext
 from sslbench.training.optim import base_lr, frozen_names
-from sslbench.training.recipe import load_recipe, protocol_hash, recipe_hash, to_toml
+from sslbench.training.recipe import load_recipe, to_toml
 
 
 def _count(params) -> int:
@@ -32,10 +32,10 @@ def _check(path: str, allow_missing: bool) -> int:
     registry = get_registry()
     recipe = load_recipe(path, registry, check_files=not allow_missing)
     print(f"# {path}: valid")
-    print(f"# recipe hash   {recipe_hash(recipe)[:16]}")
-    print(f"# protocol hash {protocol_hash(recipe)[:16]}")
+    print(f"# recipe hash   {recipe.recipe_hash[:16]}")
+    print(f"# protocol hash {recipe.protocol_hash[:16]}")
     print(to_toml(recipe))
-    checkpoint = recipe["backbone"]["checkpoint"]
+    checkpoint = recipe.backbone.checkpoint
     from pathlib import Path
 
     if checkpoint and not Path(checkpoint).is_file():
@@ -43,23 +43,23 @@ def _check(path: str, allow_missing: bool) -> int:
     with torch.device("meta"):
         context = RunContext.build(recipe, registry, data="none", load_weights=False, accelerator=False)
         backbone = context.backbone
-        print(f"Backbone {recipe['backbone']['model']}: {_millions(_count(backbone.parameters()))} parameters, "
+        print(f"Backbone {recipe.backbone.model}: {_millions(_count(backbone.parameters()))} parameters, "
               f"{backbone.depth} blocks, width {backbone.embed_dim}, {backbone.num_patches} patches")
         for i, objective, carried_over in context.objective_chain():
-            stage = recipe["stages"][i]
+            stage = recipe.stages[i]
             carried = " (carried over)" if carried_over else ""
-            frozen = frozen_names(objective, stage["freeze"], backbone.depth, f"stages[{i}].freeze")
+            frozen = frozen_names(objective, stage.freeze, backbone.depth, f"stages[{i}].freeze")
             named = dict(objective.named_parameters())
             heads = _count(p for n, p in named.items() if not n.startswith("backbone."))
             trainable = _count(p for n, p in named.items() if n not in frozen)
             peak, final = base_lr(stage)
-            length = f"{stage['steps']} steps" if stage["steps"] else f"{stage['epochs']:g} epochs"
-            print(f"Stage {i} {stage['name']!r}: {stage['objective']}{carried}, {length}, batch {stage['batch_size']}"
-                  f" (accum {stage['grad_accum']}), lr {peak:.3g} → {final:.3g} ({stage['schedule']['kind']}), "
-                  f"layer decay {stage['layer_decay']:g}, EMA {stage['ema_momentum']:g}")
+            length = f"{stage.steps} steps" if stage.steps else f"{stage.epochs:g} epochs"
+            print(f"Stage {i} {stage.name!r}: {stage.objective}{carried}, {length}, batch {stage.batch_size}"
+                  f" (accum {stage.grad_accum}), lr {peak:.3g} → {final:.3g} ({stage.schedule.kind}), "
+                  f"layer decay {stage.layer_decay:g}, EMA {stage.ema_momentum:g}")
             print(f"    objective modules {_millions(heads)}; trainable {_millions(trainable)} of "
-                  f"{_millions(_count(named.values()))}; frozen: {', '.join(stage['freeze']) or 'nothing'}")
-    for e, evaluator in zip(recipe["eval"], context.evaluators):
-        opts = ", ".join(f"{k}={v}" for k, v in e.items() if k != "name")
-        print(f"Evaluate {e['name']}: {opts} ({len(evaluator.requests(backbone.depth))} feature request(s))")
+                  f"{_millions(_count(named.values()))}; frozen: {', '.join(stage.freeze) or 'nothing'}")
+    for e, evaluator in zip(recipe.eval, context.evaluators):
+        opts = ", ".join(f"{k}={v}" for k, v in {"use_ema": e.use_ema, **e.options}.items())
+        print(f"Evaluate {e.name}: {opts} ({len(evaluator.requests(backbone.depth))} feature request(s))")
     return 0

@@ -15,7 +15,7 @@ memory (``ru_maxrss``), loads no data and writes nothing: the run folder, result
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import resource
 import tempfile
 import time
@@ -29,6 +29,7 @@ from sslbench.core.registry import get_registry
 from sslbench.training.recipe import load_recipe
 from sslbench.data.geometry import image_size
 from sslbench.training.context import RunContext
+from sslbench.training.spec import Recipe, StageSpec
 from sslbench.training.trainer import Progress, StageTrainer
 
 SYNTHETIC_IMAGES = 2
@@ -45,43 +46,43 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def stored_size(recipe: dict, backbone) -> int:
+def stored_size(recipe: Recipe, backbone) -> int:
     """Side of the training images as the data source stores them (its ``resize``/``size``), else the view size."""
-    train = recipe["data"]["train"]
+    train = recipe.data.train
     return train.get("resize") or train.get("size") or image_size(recipe, backbone) or backbone.img_size
 
 
-def synthetic_dataset(recipe: dict, backbone, n: int = SYNTHETIC_IMAGES) -> ImageDataset:
+def synthetic_dataset(recipe: Recipe, backbone, n: int = SYNTHETIC_IMAGES) -> ImageDataset:
     """``n`` random ``uint8`` images with the backbone's channels and the training data's stored size."""
     size = stored_size(recipe, backbone)
-    generator = torch.Generator().manual_seed(recipe["run"]["seed"])
+    generator = torch.Generator().manual_seed(recipe.run.seed)
     images = torch.randint(0, 256, (n, backbone.in_chans, size, size), dtype=torch.uint8, generator=generator)
     return ImageDataset(images, torch.arange(n), [str(i) for i in range(n)], "synthetic", "synthetic")
 
 
-def _checkpoint_note(recipe: dict, registry, backbone) -> str:
+def _checkpoint_note(recipe: Recipe, registry, backbone) -> str:
     """Load a present checkpoint; for an absent one, say what was checked (format, architecture, trust)."""
-    spec = recipe["backbone"]
-    if not spec["checkpoint"]:
+    spec = recipe.backbone
+    if not spec.checkpoint:
         return "no checkpoint (random initialisation)"
-    where = f"checkpoint {spec['checkpoint']} (format {spec['checkpoint_format']})"
-    if Path(spec["checkpoint"]).is_file():
+    where = f"checkpoint {spec.checkpoint} (format {spec.checkpoint_format})"
+    if Path(spec.checkpoint).is_file():
         return f"{where}: loaded"
-    fmt = registry.get("checkpoint_format", spec["checkpoint_format"]).factory
+    fmt = registry.get("checkpoint_format", spec.checkpoint_format).factory
     implied = getattr(fmt, "architecture", {})
     wrong = {k: v for k, v in implied.items() if k in backbone.architecture and backbone.architecture[k] != v}
     if wrong:  # cannot happen through build_model, which applies the format's architecture; kept as a guard
         raise RecipeError("backbone.checkpoint_format", f"the backbone was built with {backbone.architecture}, "
                                                         f"the format needs {wrong}")
     note = f"{where}: not on this machine — format and implied architecture checked, weights random"
-    if spec["checkpoint_format"] in PICKLED_FORMATS and not spec["checkpoint_trusted"]:
-        note += (f"\n# warning: {spec['checkpoint_format']} files usually pickle their config; the run will refuse "
+    if spec.checkpoint_format in PICKLED_FORMATS and not spec.checkpoint_trusted:
+        note += (f"\n# warning: {spec.checkpoint_format} files usually pickle their config; the run will refuse "
                  "the file unless backbone.checkpoint_trusted = true")
     return note
 
 
-def _one_step_stage(stage: dict, n: int) -> dict:
-    return {**stage, "batch_size": n, "grad_accum": 1, "steps": 1, "epochs": None}
+def _one_step_stage(stage: StageSpec, n: int) -> StageSpec:
+    return dataclasses.replace(stage, batch_size=n, grad_accum=1, steps=1, epochs=None)
 
 
 def dry_run_recipe(path: str, seed: int | None = None) -> int:
@@ -90,10 +91,9 @@ def dry_run_recipe(path: str, seed: int | None = None) -> int:
     registry = get_registry()
     recipe = load_recipe(path, registry, check_files=False)
     if seed is not None:
-        recipe["run"]["seed"] = seed
+        recipe = recipe.replace(run={"seed": seed})
     with tempfile.TemporaryDirectory(prefix="sslbench-dry-run-") as scratch:
-        recipe = copy.deepcopy(recipe)
-        recipe["run"].update(output_dir=scratch, cpu=True, mixed_precision="no", trackers=[])
+        recipe = recipe.replace(run={"output_dir": scratch, "cpu": True, "mixed_precision": "no", "trackers": []})
         try:
             _dry_run(recipe, registry, path, start)
         except RecipeError as exc:
@@ -101,17 +101,17 @@ def dry_run_recipe(path: str, seed: int | None = None) -> int:
     return 0
 
 
-def _dry_run(recipe: dict, registry, path: str, start: float) -> None:
-    torch.manual_seed(recipe["run"]["seed"])
+def _dry_run(recipe: Recipe, registry, path: str, start: float) -> None:
+    torch.manual_seed(recipe.run.seed)
     context = RunContext.build(recipe, registry, data="synthetic", synthetic=synthetic_dataset,
-                               load_weights=Path(recipe["backbone"]["checkpoint"] or "").is_file())
+                               load_weights=Path(recipe.backbone.checkpoint or "").is_file())
     backbone, accelerator = context.backbone, context.accelerator
     note = _checkpoint_note(recipe, registry, backbone)
     dataset, info = context.datasets["train"], context.data
     print(f"# dry run of {path}: CPU, fp32, {len(dataset)} synthetic {info.channels}x{dataset.size[0]}x"
           f"{dataset.size[1]} images, one optimiser step per stage; nothing is written")
     backbone_params = sum(p.numel() for p in backbone.parameters())
-    print(f"Backbone {recipe['backbone']['model']}: {_millions(backbone_params)} parameters, {backbone.depth} "
+    print(f"Backbone {recipe.backbone.model}: {_millions(backbone_params)} parameters, {backbone.depth} "
           f"blocks, width {backbone.embed_dim}, {backbone.num_patches} patches of {backbone.patch_size} px; {note}")
     records: list[dict] = []
 
@@ -119,7 +119,7 @@ def _dry_run(recipe: dict, registry, path: str, start: float) -> None:
         return InMemoryLoader(data, batch_size=batch_size, seed=data_seed, start_step=start_step)
 
     objective, progress = None, Progress()
-    for index, stage in enumerate(recipe["stages"]):
+    for index, stage in enumerate(recipe.stages):
         began = time.perf_counter()
         objective, carried = context.objective(index, objective)
         trainer = StageTrainer(accelerator, objective, _one_step_stage(stage, len(dataset)), index, recipe,
@@ -131,15 +131,15 @@ def _dry_run(recipe: dict, registry, path: str, start: float) -> None:
         named = dict(objective.named_parameters())
         heads = sum(p.numel() for n, p in named.items() if not n.startswith("backbone."))
         trainable = sum(p.numel() for p in trainer.trainable)
-        ema = f", EMA {stage['ema_momentum']:g}" if trainer.ema is not None else ""
-        print(f"Stage {index} {stage['name']!r}: {stage['objective']}{' (carried over)' if carried else ''}, "
+        ema = f", EMA {stage.ema_momentum:g}" if trainer.ema is not None else ""
+        print(f"Stage {index} {stage.name!r}: {stage.objective}{' (carried over)' if carried else ''}, "
               f"{len(views)} view(s) {_shapes(views)}; heads {_millions(heads)}, trainable {_millions(trainable)} "
               f"of {_millions(sum(p.numel() for p in named.values()))}{ema}; "
               f"{len(trainer.optimizer.param_groups)} param groups; loss {records[-1]['loss']:.4f}; "
               f"{time.perf_counter() - began:.1f} s")
         trainer = None
-    for e, evaluator in zip(recipe["eval"], context.evaluators):
-        print(f"Evaluate {e['name']}{' (EMA)' if e['use_ema'] else ''}: built, "
+    for e, evaluator in zip(recipe.eval, context.evaluators):
+        print(f"Evaluate {e.name}{' (EMA)' if e.use_ema else ''}: built, "
               f"{len(evaluator.requests(backbone.depth))} feature request(s)")
     print(f"Dry run passed: wall time {time.perf_counter() - start:.1f} s, peak memory (max RSS) "
           f"{peak_memory_gb():.2f} GB")

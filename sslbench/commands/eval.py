@@ -13,7 +13,6 @@ file is ``<run>/checkpoints/*.pt`` next to that run's ``recipe.json``, else ``pr
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -116,20 +115,20 @@ def evaluate_checkpoint(recipe_path: str, checkpoint: str, fmt: str | None = Non
 
     registry = get_registry()
     # The recipe's own checkpoint is replaced, so it need not exist here.
-    recipe = copy.deepcopy(load_recipe(recipe_path, registry, check_files=False))
-    if not recipe["eval"]:
+    recipe = load_recipe(recipe_path, registry, check_files=False)
+    if not recipe.eval:
         raise UserError(f"{recipe_path}: has no [[eval]] section; nothing to evaluate")
     path = Path(checkpoint)
     if not path.is_file():
         raise UserError(f"--checkpoint: file not found: {checkpoint}")
-    fmt = fmt or sniff_format(path) or recipe["backbone"]["checkpoint_format"]
+    fmt = fmt or sniff_format(path) or recipe.backbone.checkpoint_format
     registry.get("checkpoint_format", fmt)                      # unknown format → one-line error naming the known
     name = check_run_name(name, "--name") if name is not None else default_name(path)
 
-    recipe["backbone"].update(checkpoint=str(path), checkpoint_format=fmt, checkpoint_trusted=trust_checkpoint)
-    recipe["run"].update(name=name, trackers=[])
-    recipe["eval"] = plain_evals(recipe["eval"])
-    run_dir = Path(recipe["run"]["output_dir"]) / name
+    recipe = recipe.replace(backbone={"checkpoint": str(path), "checkpoint_format": fmt,
+                                      "checkpoint_trusted": trust_checkpoint},
+                            run={"name": name, "trackers": []}, eval=plain_evals(recipe.as_dict()["eval"]))
+    run_dir = Path(recipe.run.output_dir) / name
     _check_dir(run_dir)
     try:   # a wrong format or shape, or data the evaluators cannot use, fails here, before any file
         context = RunContext.build(recipe, registry, training=False)
@@ -152,5 +151,5 @@ def evaluate_checkpoint(recipe_path: str, checkpoint: str, fmt: str | None = Non
     rows = metric_rows(recipe, results, run_id=name, objective=objective_label(path, fmt), stage=EVAL_STAGE,
                        checkpoint=label)
     print(f"{name}: {path} ({fmt}) on {dataset_label(recipe)}")
-    publish_rows(run_dir, rows, Path(recipe["run"]["output_dir"]))
+    publish_rows(run_dir, rows, Path(recipe.run.output_dir))
     return run_dir

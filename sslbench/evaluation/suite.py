@@ -4,6 +4,7 @@ and turn the results into metric rows (``sslbench.results.metrics``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,23 +20,23 @@ def feature_cache_dir() -> Path:
     return default_cache_dir().parent / "features"
 
 
-def build_evaluators(registry, evals: list[dict], depth: int, source: str | None = None) -> list:
-    """The evaluators of an ``[[eval]]`` list, with their feature requests checked against a backbone of ``depth``
-    blocks: a block it does not have is a :class:`RecipeError` naming ``eval[i]`` now, not after the training."""
+def build_evaluators(registry, evals, depth: int, source: str | None = None) -> list:
+    """The evaluators of an ``[[eval]]`` list (``EvalSpec``s: ``name``, ``use_ema``, ``options``), with their
+    feature requests checked against a backbone of ``depth`` blocks: a block it does not have is a
+    :class:`RecipeError` naming ``eval[i]`` now, not after the training."""
     evaluators = []
     for i, e in enumerate(evals):
-        evaluator = registry.get("evaluator", e["name"]).factory(
-            {k: v for k, v in e.items() if k not in ("name", "use_ema")})
+        evaluator = registry.get("evaluator", e.name).factory(dict(e.options))
         try:
             for request in evaluator.requests(depth):
                 request.resolve(depth)
         except UserError as err:
-            raise RecipeError(f"eval[{i}]", f"{e['name']}: {err}", source=source) from None
+            raise RecipeError(f"eval[{i}]", f"{e.name}: {err}", source=source) from None
         evaluators.append(evaluator)
     return evaluators
 
 
-def preflight_evaluators(evals: list[dict], evaluators: list, datasets: dict, source: str | None = None) -> None:
+def preflight_evaluators(evals, evaluators: list, datasets: dict, source: str | None = None) -> None:
     """Each evaluator's :meth:`~sslbench.core.evaluator.Evaluator.check_data` on the loaded evaluation data; a problem
     is a :class:`RecipeError` naming ``eval[i]`` and the option."""
     from sslbench.core.evaluator import DataSummary
@@ -45,17 +46,17 @@ def preflight_evaluators(evals: list[dict], evaluators: list, datasets: dict, so
         try:
             evaluator.check_data(train, test)
         except UserError as err:
-            raise RecipeError(f"eval[{i}]", f"{table['name']}: {err}", source=source) from None
+            raise RecipeError(f"eval[{i}]", f"{table.name}: {err}", source=source) from None
 
 
-def evaluate_backbone(recipe: dict, registry, backbone, datasets: dict, accelerator, evals: list[dict] | None = None,
-                      progress: bool = True) -> list[tuple[dict, object]]:
-    """Run the recipe's evaluations (or ``evals``). Returns ``[(eval table, MetricValue), ...]`` on the main
+def evaluate_backbone(recipe, registry, backbone, datasets: dict, accelerator, evals=None,
+                      progress: bool = True) -> list[tuple[Any, object]]:
+    """Run the (typed) recipe's evaluations (or ``evals``). Returns ``[(EvalSpec, MetricValue), ...]`` on the main
     process and ``[]`` on the others."""
     from sslbench.evaluation.features import extract_features, weights_fingerprint
     from sslbench.data.views import EvalTransform
 
-    evals = recipe["eval"] if evals is None else evals
+    evals = recipe.eval if evals is None else evals
     if not evals:
         return []
     evaluators = build_evaluators(registry, evals, backbone.depth)
@@ -63,7 +64,7 @@ def evaluate_backbone(recipe: dict, registry, backbone, datasets: dict, accelera
     mean, std = normalisation(recipe, datasets["test"].channels)
     transform = EvalTransform(image_size(recipe, backbone), mean=mean, std=std)
     weights = weights_fingerprint(backbone)
-    kwargs = dict(transform=transform, batch_size=recipe["data"]["eval_batch_size"], accelerator=accelerator,
+    kwargs = dict(transform=transform, batch_size=recipe.data.eval_batch_size, accelerator=accelerator,
                   cache_dir=feature_cache_dir(), weights_key=weights, progress=progress)
     device = accelerator.device if accelerator is not None else torch.device("cpu")
     backbone.to(device)

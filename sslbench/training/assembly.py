@@ -9,36 +9,37 @@ import torch
 from sslbench.core.errors import RecipeError, UserError
 from sslbench.core.objective import DataInfo
 from sslbench.data.geometry import image_size, normalisation
+from sslbench.training.spec import Recipe
 
-def make_accelerator(recipe: dict):
+def make_accelerator(recipe: Recipe):
     """An Accelerator for the recipe: bf16 on GPU and fp32 on CPU under ``mixed_precision = "auto"``."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    run = recipe["run"]
-    cpu = run["cpu"] or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in (
+    run = recipe.run
+    cpu = run.cpu or not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in (
         "1", "true", "yes")
-    precision = run["mixed_precision"]
+    precision = run.mixed_precision
     if precision == "auto":
         precision = "no" if cpu else "bf16"
-    log_with = run["trackers"] or None
-    project_dir = os.path.join(run["output_dir"], run["name"], "trackers")
+    log_with = list(run.trackers) or None
+    project_dir = os.path.join(run.output_dir, run.name, "trackers")
     return Accelerator(cpu=cpu, mixed_precision=precision, log_with=log_with, project_dir=project_dir,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 
-def backbone_kwargs(recipe: dict, registry) -> dict:
+def backbone_kwargs(recipe: Recipe, registry) -> dict:
     """build_backbone arguments: the recipe's overrides plus what the checkpoint format implies."""
-    spec = recipe["backbone"]
-    fmt = registry.get("checkpoint_format", spec["checkpoint_format"]).factory
-    kwargs = {k: spec[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")}
-    kwargs["pos_embed"] = spec["pos_embed"]
-    if spec["checkpoint"]:
+    spec = recipe.backbone
+    fmt = registry.get("checkpoint_format", spec.checkpoint_format).factory
+    kwargs = {k: getattr(spec, k) for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")}
+    kwargs["pos_embed"] = spec.pos_embed
+    if spec.checkpoint:
         kwargs.update(fmt.architecture)
     return kwargs
 
 
-def build_model(recipe: dict, registry, load_weights: bool = True):
+def build_model(recipe: Recipe, registry, load_weights: bool = True):
     """The backbone of a recipe, with its checkpoint loaded. Returns (backbone, load report or None).
 
     A checkpoint that pickles Python objects (fairseq's data2vec 2.0 files) is refused unless the recipe sets
@@ -47,13 +48,13 @@ def build_model(recipe: dict, registry, load_weights: bool = True):
     from sslbench.core.backbone import build_backbone
     from sslbench.core.checkpoints import UntrustedPickle, load_checkpoint
 
-    spec = recipe["backbone"]
-    backbone = build_backbone(spec["model"], **backbone_kwargs(recipe, registry))
+    spec = recipe.backbone
+    backbone = build_backbone(spec.model, **backbone_kwargs(recipe, registry))
     report = None
-    if spec["checkpoint"] and load_weights:
-        fmt = registry.get("checkpoint_format", spec["checkpoint_format"]).factory
+    if spec.checkpoint and load_weights:
+        fmt = registry.get("checkpoint_format", spec.checkpoint_format).factory
         try:
-            report = load_checkpoint(backbone, spec["checkpoint"], fmt, allow_pickle=spec["checkpoint_trusted"])
+            report = load_checkpoint(backbone, spec.checkpoint, fmt, allow_pickle=spec.checkpoint_trusted)
         except UntrustedPickle as exc:
             raise RecipeError("backbone.checkpoint_trusted",
                               f"{exc.path} pickles Python objects besides tensors ({exc.found}); loading it runs "
@@ -62,7 +63,7 @@ def build_model(recipe: dict, registry, load_weights: bool = True):
     return backbone, report
 
 
-def load_source(table: dict, registry, key: str):
+def load_source(table, registry, key: str):
     source = registry.get("dataset", table["source"]).factory
     options = {k: v for k, v in table.items() if k != "source"}
     try:
@@ -71,18 +72,18 @@ def load_source(table: dict, registry, key: str):
         raise UserError(f"{key}: {exc}") from None
 
 
-def load_datasets(recipe: dict, registry, accelerator=None) -> dict:
+def load_datasets(recipe: Recipe, registry, accelerator=None) -> dict:
     """train, test and eval_train datasets (eval_train is train unless the recipe names another).
 
     The main process loads (and caches) first so that other processes read the cache instead of decoding again.
     """
-    data = recipe["data"]
+    data = recipe.data
 
     def load_all():
-        out = {"train": load_source(data["train"], registry, "data.train"),
-               "test": load_source(data["test"], registry, "data.test")}
-        out["eval_train"] = (load_source(data["eval_train"], registry, "data.eval_train")
-                             if data["eval_train"] else out["train"])
+        out = {"train": load_source(data.train, registry, "data.train"),
+               "test": load_source(data.test, registry, "data.test")}
+        out["eval_train"] = (load_source(data.eval_train, registry, "data.eval_train")
+                             if data.eval_train else out["train"])
         return out
 
     if accelerator is None or accelerator.num_processes == 1:
@@ -90,7 +91,7 @@ def load_datasets(recipe: dict, registry, accelerator=None) -> dict:
     else:
         with accelerator.main_process_first():
             datasets = load_all()
-    channels = recipe["backbone"]["in_chans"]
+    channels = recipe.backbone.in_chans
     for name, dataset in datasets.items():
         if channels is not None and dataset.channels != channels:
             raise RecipeError(f"data.{name}", f"images have {dataset.channels} channel(s) but backbone.in_chans is "
@@ -98,7 +99,7 @@ def load_datasets(recipe: dict, registry, accelerator=None) -> dict:
     return datasets
 
 
-def data_info(recipe: dict, dataset, backbone=None) -> DataInfo:
+def data_info(recipe: Recipe, dataset, backbone=None) -> DataInfo:
     mean, std = normalisation(recipe, dataset.channels)
     return DataInfo(image_size=image_size(recipe, backbone) or dataset.images.shape[-1], channels=dataset.channels,
                     mean=mean, std=std, num_samples=len(dataset))

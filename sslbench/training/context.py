@@ -17,21 +17,22 @@ import torch
 from sslbench.core.objective import DataInfo, StageContext
 from sslbench.evaluation.suite import build_evaluators, preflight_evaluators
 from sslbench.training.assembly import build_model, data_info, load_datasets, make_accelerator
+from sslbench.training.spec import Recipe
 from sslbench.training.trainer import stage_length
 
 
-def build_objective(registry, recipe: dict, backbone, index: int, previous, context: StageContext,
+def build_objective(registry, recipe: Recipe, backbone, index: int, previous, context: StageContext,
                     device: Any = None):
     """The objective of stage ``index``: ``previous`` carried over (heads, queues, teachers; ``start_stage`` takes
     the new options) when the stage names the same objective, else a new one. A new one is initialised from a
     seed of its own (``seed·1000 + index + 1``), so a resumed run builds exactly the same heads.
     Returns ``(objective, carried)``."""
-    stage = recipe["stages"][index]
-    if previous is not None and previous.name == stage["objective"]:
-        previous.start_stage(stage["options"], context)
+    stage = recipe.stages[index]
+    if previous is not None and previous.name == stage.objective:
+        previous.start_stage(dict(stage.options), context)
         return previous, True
-    torch.manual_seed(recipe["run"]["seed"] * 1000 + index + 1)
-    objective = registry.get("objective", stage["objective"]).factory(backbone, stage["options"], context)
+    torch.manual_seed(recipe.run.seed * 1000 + index + 1)
+    objective = registry.get("objective", stage.objective).factory(backbone, dict(stage.options), context)
     return (objective.to(device) if device is not None else objective), False
 
 
@@ -40,7 +41,7 @@ class RunContext:
     """Everything a recipe names, built once. ``datasets`` is empty and ``data`` ``None`` without data;
     ``accelerator`` is ``None`` when not asked for (``check``)."""
 
-    recipe: dict
+    recipe: Recipe
     registry: Any
     backbone: Any
     load_report: Any = None
@@ -51,7 +52,7 @@ class RunContext:
     real_data: bool = False
 
     @classmethod
-    def build(cls, recipe: dict, registry, *, data: str = "load", load_weights: bool = True,
+    def build(cls, recipe: Recipe, registry, *, data: str = "load", load_weights: bool = True,
               accelerator: bool = True, synthetic=None, training: bool = True) -> "RunContext":
         """``data``: ``"load"`` (the recipe's sources; evaluators checked against them), ``"synthetic"``
         (``synthetic(recipe, backbone)`` builds the training set) or ``"none"``. ``training=False`` (``eval``)
@@ -59,11 +60,11 @@ class RunContext:
         acc = make_accelerator(recipe) if accelerator else None
         backbone, report = build_model(recipe, registry, load_weights=load_weights)
         context = cls(recipe, registry, backbone, report, acc,
-                      build_evaluators(registry, recipe["eval"], backbone.depth))
+                      build_evaluators(registry, recipe.eval, backbone.depth))
         if data == "load":
             context.datasets, context.real_data = load_datasets(recipe, registry, acc), True
-            preflight_evaluators(recipe["eval"], context.evaluators, context.datasets)
-            for index, stage in enumerate(recipe["stages"] if training else []):   # impossible batch sizes
+            preflight_evaluators(recipe.eval, context.evaluators, context.datasets)
+            for index, stage in enumerate(recipe.stages if training else ()):   # impossible batch sizes
                 stage_length(stage, len(context.datasets["train"]), f"stages[{index}]")
         elif data == "synthetic":
             context.datasets = {"train": synthetic(recipe, backbone)}
@@ -73,13 +74,13 @@ class RunContext:
 
     def stage_context(self, index: int) -> StageContext:
         """Where stage ``index`` stands: its length in steps (1 without the recipe's data), the processes, the seed."""
-        stage = self.recipe["stages"][index]
+        stage = self.recipe.stages[index]
         steps_per_epoch, total = (stage_length(stage, len(self.datasets["train"]), f"stages[{index}]")
                                   if self.real_data else (1, 1))
         acc = self.accelerator
         return StageContext(stage_index=index, steps_per_epoch=steps_per_epoch, total_steps=total,
                             num_processes=acc.num_processes if acc else 1,
-                            process_index=acc.process_index if acc else 0, seed=self.recipe["run"]["seed"])
+                            process_index=acc.process_index if acc else 0, seed=self.recipe.run.seed)
 
     def objective(self, index: int, previous=None):
         """:func:`build_objective` for stage ``index`` on this context's backbone and device."""
@@ -90,6 +91,6 @@ class RunContext:
     def objective_chain(self) -> Iterator[tuple[int, Any, bool]]:
         """``(index, objective, carried)`` for every stage, carrying objectives over as a run does."""
         objective = None
-        for index in range(len(self.recipe["stages"])):
+        for index in range(len(self.recipe.stages)):
             objective, carried = self.objective(index, objective)
             yield index, objective, carried

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sslbench.core.errors import RecipeError
+from sslbench.training.spec import StageSpec
 
 TOKEN_NAMES = ("cls_token", "pos_embed", "mask_token", "reg_token", "dist_token")
 
@@ -65,11 +66,11 @@ def frozen_names(objective: nn.Module, patterns: list[str], depth: int, key: str
     return out | (fixed & set(names))
 
 
-def param_groups(objective: nn.Module, backbone, stage: dict, frozen: set[str]) -> list[dict]:
+def param_groups(objective: nn.Module, backbone, stage: StageSpec, frozen: set[str]) -> list[dict]:
     """AdamW parameter groups with per-group ``lr_scale`` and ``weight_decay``; frozen parameters left out."""
-    opt = stage["optimizer"]
-    decay = stage["layer_decay"]
-    head_wd = opt["head_weight_decay"] if opt["head_weight_decay"] is not None else opt["weight_decay"]
+    opt = stage.optimizer
+    decay = stage.layer_decay
+    head_wd = opt.head_weight_decay if opt.head_weight_decay is not None else opt.weight_decay
     extra_no_decay = getattr(objective, "no_weight_decay", lambda: set())()
     groups: dict[tuple[float, float], list] = {}
     for name, param in objective.named_parameters():
@@ -81,7 +82,7 @@ def param_groups(objective: nn.Module, backbone, stage: dict, frozen: set[str]) 
             layer = backbone.layer_id(name[len("backbone.vit."):] if name.startswith("backbone.vit.")
                                       else name[len("backbone."):])
             scale = decay ** (backbone.depth + 1 - layer)
-            wd = opt["weight_decay"]
+            wd = opt.weight_decay
         else:
             scale, wd = 1.0, head_wd
         if _no_decay(name, param) or name in extra_no_decay:
@@ -90,20 +91,20 @@ def param_groups(objective: nn.Module, backbone, stage: dict, frozen: set[str]) 
     return [{"params": ps, "lr_scale": s, "weight_decay": wd} for (s, wd), ps in sorted(groups.items())]
 
 
-def build_optimizer(groups: list[dict], stage: dict) -> torch.optim.Optimizer:
-    opt = stage["optimizer"]
+def build_optimizer(groups: list[dict], stage: StageSpec) -> torch.optim.Optimizer:
+    opt = stage.optimizer
     if not groups:
-        raise RecipeError(f"stage {stage['name']!r}.freeze", "every parameter is frozen: nothing to train")
-    if opt["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=opt["lr"], momentum=opt["momentum"])
-    return torch.optim.AdamW(groups, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"])
+        raise RecipeError(f"stage {stage.name!r}.freeze", "every parameter is frozen: nothing to train")
+    if opt.name == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
 
-def base_lr(stage: dict) -> tuple[float, float]:
+def base_lr(stage: StageSpec) -> tuple[float, float]:
     """(peak lr, final lr), scaled by batch/256 when the recipe asks (MAE, MIM-Refiner convention)."""
-    opt, sched = stage["optimizer"], stage["schedule"]
-    factor = stage["batch_size"] / 256 if opt["scale_lr_by_batch"] else 1.0
-    return opt["lr"] * factor, sched["final_lr"] * factor
+    opt, sched = stage.optimizer, stage.schedule
+    factor = stage.batch_size / 256 if opt.scale_lr_by_batch else 1.0
+    return opt.lr * factor, sched.final_lr * factor
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, final: float, kind: str) -> float:
@@ -121,16 +122,16 @@ def lr_at(step: int, total: int, warmup: int, peak: float, final: float, kind: s
 class StageSchedule:
     """Sets every group's lr (times its ``lr_scale``) for a step; stateless, so resume needs only the step."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, stage: dict, total_steps: int, steps_per_epoch: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, stage: StageSpec, total_steps: int, steps_per_epoch: int):
         self.optimizer = optimizer
         self.total = total_steps
-        sched = stage["schedule"]
-        if sched["warmup_fraction"] is not None:
-            self.warmup = round(sched["warmup_fraction"] * total_steps)
+        sched = stage.schedule
+        if sched.warmup_fraction is not None:
+            self.warmup = round(sched.warmup_fraction * total_steps)
         else:
-            self.warmup = round(sched["warmup_epochs"] * steps_per_epoch)
+            self.warmup = round(sched.warmup_epochs * steps_per_epoch)
         self.peak, self.final = base_lr(stage)
-        self.kind = sched["kind"]
+        self.kind = sched.kind
 
     def set(self, step: int) -> float:
         lr = lr_at(step, self.total, self.warmup, self.peak, self.final, self.kind)

@@ -7,38 +7,38 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sslbench.training.recipe import protocol_hash, recipe_hash
+from sslbench.training.spec import Recipe
 
 
-def metric_rows(recipe: dict, results, *, run_id: str, objective: str, stage: str, checkpoint: str) -> list[dict]:
+def metric_rows(recipe: Recipe, results, *, run_id: str, objective: str, stage: str, checkpoint: str) -> list[dict]:
     """One row per (evaluator, metric, variant), carrying everything needed to compare it with other runs.
 
     A result's ``extra`` (e.g. the configuration a linear probe chose) goes to the ``details`` column as JSON.
     """
     from sslbench.results.metrics import hardware_description, versions
 
-    common = {"run_id": run_id, "recipe_hash": recipe_hash(recipe)[:16], "protocol_hash": protocol_hash(recipe)[:16],
+    common = {"run_id": run_id, "recipe_hash": recipe.recipe_hash[:16], "protocol_hash": recipe.protocol_hash[:16],
               "objective": objective, "backbone": backbone_label(recipe), "dataset": dataset_label(recipe),
-              "seed": recipe["run"]["seed"], "stage": stage, "hardware": hardware_description(), **versions()}
+              "seed": recipe.run.seed, "stage": stage, "hardware": hardware_description(), **versions()}
     rows = []
     for table, value in results:
-        variant = value.variant + (",ema" if table.get("use_ema") else "")
-        rows.append({**common, "checkpoint": checkpoint + (" (ema)" if table.get("use_ema") else ""),
-                     "evaluator": table["name"], "metric": value.metric, "variant": variant,
+        variant = value.variant + (",ema" if table.use_ema else "")
+        rows.append({**common, "checkpoint": checkpoint + (" (ema)" if table.use_ema else ""),
+                     "evaluator": table.name, "metric": value.metric, "variant": variant,
                      "value": float(value.value), "selection_split": value.selection_split,
                      "details": json.dumps(value.extra, sort_keys=True, default=str) if value.extra else ""})
     return rows
 
 
-def backbone_label(recipe: dict) -> str:
-    b = recipe["backbone"]
-    shape = [f"{k}={b[k]}" for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
-             if b[k] is not None]
-    return b["model"] + (f"({','.join(shape)})" if shape else "")
+def backbone_label(recipe: Recipe) -> str:
+    b = recipe.backbone
+    shape = [f"{k}={getattr(b, k)}" for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
+             if getattr(b, k) is not None]
+    return b.model + (f"({','.join(shape)})" if shape else "")
 
 
-def dataset_label(recipe: dict) -> str:
-    train = recipe["data"]["train"]
+def dataset_label(recipe: Recipe) -> str:
+    train = recipe.data.train
     return train["source"] + (f":{train['path']}" if train.get("path") else "")
 
 

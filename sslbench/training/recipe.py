@@ -14,7 +14,6 @@ leaderboard rows are comparable only when their protocol hashes match.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,11 @@ from typing import Any
 
 from sslbench.core.errors import RecipeError, UserError
 from sslbench.core.options import Option, validate_options
+from sslbench.training.spec import COSMETIC, Recipe, canonical_hash, hashed_form, protocol_hash, recipe_hash
+
+# The hashes live with the typed recipe; they are part of this module's API too.
+__all__ = ["resolve", "load_recipe", "load_toml", "to_toml", "check_run_name", "Recipe", "COSMETIC", "canonical_hash",
+           "hashed_form", "recipe_hash", "protocol_hash"]
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -121,8 +125,6 @@ EVAL_COMMON = {
 
 SECTIONS = {"run": RUN, "backbone": BACKBONE, "data": DATA}
 TOP_LEVEL = ("run", "backbone", "data", "stages", "eval")
-# Keys that do not change what is computed, left out of the recipe hash.
-COSMETIC = {"run": ("output_dir", "checkpoint_every", "log_every", "trackers"), "backbone": ("checkpoint_trusted",)}
 
 
 #: A run name is one path component: no separators, no "." or "..", nothing hidden, so a run folder always lies
@@ -136,12 +138,6 @@ def check_run_name(name: str, key: str = "run.name") -> str:
         raise RecipeError(key, f"got {name!r}, expected one folder name of 1-128 letters, digits and _ . + = - "
                                "(not starting with . or -)")
     return name
-
-
-def canonical_hash(obj: Any) -> str:
-    """sha256 of the canonical JSON form (sorted keys, no whitespace)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def load_toml(path: str | os.PathLike) -> dict:
@@ -237,8 +233,9 @@ def _resolve_evals(registry, evals: Any) -> list[dict]:
     return out
 
 
-def resolve(raw: dict, registry, source: str | None = None, check_files: bool = True) -> dict:
-    """Validate a parsed recipe and fill in every default. Raises :class:`RecipeError` naming ``source``."""
+def resolve(raw: dict, registry, source: str | None = None, check_files: bool = True) -> Recipe:
+    """Validate a parsed recipe and fill in every default; returns the typed :class:`Recipe` (hashes cached).
+    Raises :class:`RecipeError` naming ``source``."""
     try:
         unknown = sorted(set(raw) - set(TOP_LEVEL))
         if unknown:
@@ -266,10 +263,10 @@ def resolve(raw: dict, registry, source: str | None = None, check_files: bool = 
             raise RecipeError(f"eval[{i}].use_ema", "the last stage keeps no EMA: set its ema_momentum > 0")
     except RecipeError as exc:
         raise exc.with_source(source) if source else exc
-    return recipe
+    return Recipe.from_dict(recipe)
 
 
-def load_recipe(path: str | os.PathLike, registry=None, check_files: bool = True) -> dict:
+def load_recipe(path: str | os.PathLike, registry=None, check_files: bool = True) -> Recipe:
     """Read, validate and resolve a recipe file."""
     from sslbench.core.registry import get_registry
 
@@ -277,35 +274,9 @@ def load_recipe(path: str | os.PathLike, registry=None, check_files: bool = True
     return resolve(load_toml(path), registry, source=str(path), check_files=check_files)
 
 
-def hashed_form(recipe: dict) -> dict:
-    """The recipe without its cosmetic keys (output folder, logging cadence, trust): what the recipe hash covers."""
-    stripped = copy.deepcopy(recipe)
-    for section, keys in COSMETIC.items():
-        for key in keys:
-            stripped.get(section, {}).pop(key, None)
-    return stripped
-
-
-def recipe_hash(recipe: dict) -> str:
-    """Identifies what a run computes: everything except cosmetic keys (output folder, logging cadence)."""
-    return canonical_hash(hashed_form(recipe))
-
-
-def protocol_hash(recipe: dict) -> str:
-    """Identifies the evaluation protocol: evaluation data, preprocessing and evaluators with their options."""
-    data = recipe["data"]
-    protocol = {
-        "eval_train": data["eval_train"] or data["train"],
-        "test": data["test"],
-        "image_size": data["image_size"] or recipe["backbone"]["img_size"],
-        "mean": data["mean"], "std": data["std"],
-        "eval": [{k: v for k, v in e.items() if k != "use_ema"} for e in recipe["eval"]],
-    }
-    return canonical_hash(protocol)
-
-
-def to_toml(recipe: dict) -> str:
+def to_toml(recipe: Recipe | dict) -> str:
     """Write a resolved recipe back as TOML (None values are left out: TOML has no null)."""
+    recipe = recipe.as_dict() if isinstance(recipe, Recipe) else recipe
     lines: list[str] = []
 
     def value(v: Any) -> str:

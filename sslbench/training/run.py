@@ -26,6 +26,7 @@ from sslbench.training.recipe import recipe_hash
 from sslbench.training.resume import load_resume_state, rng_state, save_resume_state, set_rng_state
 from sslbench.training.run_folder import open_run_folder, run_dir_of
 from sslbench.training.context import RunContext
+from sslbench.training.spec import Recipe
 from sslbench.training.trainer import Progress, StageTrainer, append_jsonl, truncate_log
 
 __all__ = ["Run", "run_recipe", "run_dir_of"]
@@ -45,11 +46,11 @@ class Run:
     checkpoint — is built before the run folder is touched, so a failure leaves nothing behind.
     """
 
-    def __init__(self, recipe: dict, registry, *, resume: bool = False, force: bool = False,
+    def __init__(self, recipe: Recipe, registry, *, resume: bool = False, force: bool = False,
                  allow_optimizer_change: bool = False):
         self.recipe = recipe
         self.registry = registry
-        _seed_everything(recipe["run"]["seed"])
+        _seed_everything(recipe.run.seed)
         self.context = RunContext.build(recipe, registry)
         self.accelerator = acc = self.context.accelerator
         self.backbone, self.load_report = self.context.backbone, self.context.load_report
@@ -68,28 +69,28 @@ class Run:
         self.last_saved_step = self.progress.global_step if self.resume_state is not None else None
         # The first stage to train is built now (objective, views, optimiser), before any file is written.
         self.first_trainer = None
-        if self.progress.stage < len(recipe["stages"]):
+        if self.progress.stage < len(recipe.stages):
             self.first_trainer = self._build_trainer(self.progress.stage, None)
         if acc.is_main_process:
             open_run_folder(recipe, resume=resume, force=force, allow_optimizer_change=allow_optimizer_change)
             # Log lines past the checkpoint are written again by the resumed run (all of them without one).
             truncate_log(self.log_path, self.progress.global_step if self.resume_state is not None else 0)
         acc.wait_for_everyone()
-        if recipe["run"]["trackers"]:
+        if recipe.run.trackers:
             flat = {"recipe_hash": recipe_hash(recipe), "objective": self.objective_chain()}
-            acc.init_trackers(recipe["run"]["name"], config=flat)
+            acc.init_trackers(recipe.run.name, config=flat)
 
     def objective_chain(self) -> str:
         names = []
-        for stage in self.recipe["stages"]:
-            if not names or names[-1] != stage["objective"]:
-                names.append(stage["objective"])
+        for stage in self.recipe.stages:
+            if not names or names[-1] != stage.objective:
+                names.append(stage.objective)
         return "+".join(names)
 
     def _log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
             append_jsonl(self.log_path, {**record, "time": time.time()})
-        if self.recipe["run"]["trackers"]:
+        if self.recipe.run.trackers:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
                                  step=record["global_step"])
 
@@ -112,7 +113,7 @@ class Run:
 
     def _build_trainer(self, index: int, previous) -> StageTrainer:
         objective, _ = self.context.objective(index, previous)
-        return StageTrainer(self.accelerator, objective, self.recipe["stages"][index], index, self.recipe,
+        return StageTrainer(self.accelerator, objective, self.recipe.stages[index], index, self.recipe,
                             self.datasets["train"], self.data_info, self._loader, self._log)
 
     def report(self, stage_name: str) -> list[dict]:
@@ -120,29 +121,29 @@ class Run:
         leaderboard beside the runs folder. Returns the rows (none on processes other than the main one)."""
         recipe, results = self.recipe, []
         for use_ema in (False, True):
-            evals = [e for e in recipe["eval"] if e["use_ema"] == use_ema]
+            evals = [e for e in recipe.eval if e.use_ema == use_ema]
             if evals:
                 results += evaluate_backbone(recipe, self.registry, self.eval_backbone(use_ema), self.datasets,
                                              self.accelerator, evals=evals)
         if not self.accelerator.is_main_process:
             return []
-        start = recipe["backbone"]["checkpoint"] or "scratch"
+        start = recipe.backbone.checkpoint or "scratch"
         # Seeds of one recipe share a checkpoint label, so the leaderboard averages them.
         recipe_name = re.sub(r"-seed\d+$", "", self.run_dir.name)
         rows = metric_rows(recipe, results, run_id=self.run_dir.name, objective=self.objective_chain(),
                            stage=stage_name, checkpoint=f"{start} → {recipe_name}/{stage_name}")
-        publish_rows(self.run_dir, rows, Path(recipe["run"]["output_dir"]))
+        publish_rows(self.run_dir, rows, Path(recipe.run.output_dir))
         return rows
 
     def train(self, evaluate_stages: bool = False) -> None:
         """Train every stage (from where a resumed run stands); with ``evaluate_stages`` and ``run.evaluate =
         "each_stage"``, :meth:`report` after every stage but the last."""
-        run = self.recipe["run"]
+        run = self.recipe.run
         objective = None
         if self.progress.finished and self.resume_state is not None:
             self._restore_final_ema(self.resume_state)
-        for index in range(self.progress.stage, len(self.recipe["stages"])):
-            stage = self.recipe["stages"][index]
+        for index in range(self.progress.stage, len(self.recipe.stages)):
+            stage = self.recipe.stages[index]
             trainer, self.first_trainer = self.first_trainer or self._build_trainer(index, objective), None
             objective = trainer.objective
             state = self.resume_state
@@ -155,16 +156,16 @@ class Run:
             self.progress.stage = index
             try:
                 trainer.run(self.progress, lambda p, reason: self._save(trainer, p, reason),
-                            run["checkpoint_every"], run["log_every"])
+                            run.checkpoint_every, run.log_every)
                 objective = self.accelerator.unwrap_model(trainer.model)
                 self.ema = trainer.ema
                 self.progress = Progress(stage=index + 1, step=0, global_step=self.progress.global_step,
-                                         finished=index + 1 == len(self.recipe["stages"]))
+                                         finished=index + 1 == len(self.recipe.stages))
                 self._save(trainer, self.progress, "stage_end")
             except TrainingDiverged as exc:
                 raise TrainingDiverged(f"{exc}; {self._resume_advice()}") from None
-            if evaluate_stages and run["evaluate"] == "each_stage" and index + 1 < len(self.recipe["stages"]):
-                self.report(stage["name"])
+            if evaluate_stages and run.evaluate == "each_stage" and index + 1 < len(self.recipe.stages):
+                self.report(stage.name)
         self.export_backbone()
 
     def _resume_advice(self) -> str:
@@ -177,7 +178,7 @@ class Run:
 
     def _restore_final_ema(self, state: dict) -> None:
         """A resumed run that had finished training still evaluates the EMA it kept."""
-        momentum = self.recipe["stages"][-1]["ema_momentum"]
+        momentum = self.recipe.stages[-1].ema_momentum
         if state.get("ema") is not None and momentum > 0:
             self.ema = EMA(self.backbone, momentum).eval()
             self.ema.module.load_state_dict(state["ema"])
@@ -189,7 +190,7 @@ class Run:
             ema = self.ema
             atomic_torch_save({"format": "sslbench", "backbone": self.backbone.vit.state_dict(),
                                "ema": ema.module.vit.state_dict() if ema is not None else None,
-                               "recipe_hash": recipe_hash(self.recipe), "backbone_recipe": self.recipe["backbone"]},
+                               "recipe_hash": recipe_hash(self.recipe), "backbone_recipe": self.recipe.as_dict()["backbone"]},
                               path)
         return path
 
@@ -206,7 +207,7 @@ class Run:
         return self.backbone
 
     def finish(self) -> None:
-        if self.recipe["run"]["trackers"]:
+        if self.recipe.run.trackers:
             self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
 
@@ -224,8 +225,8 @@ def run_recipe(path: str, *, resume: bool = False, force: bool = False, seed: in
     registry = get_registry()
     recipe = load_recipe(path, registry)
     if seed is not None:
-        recipe["run"]["seed"] = seed
-        recipe["run"]["name"] = check_run_name(f"{recipe['run']['name']}-seed{seed}", "--seed")
+        recipe = recipe.replace(run={"seed": seed,
+                                     "name": check_run_name(f"{recipe.run.name}-seed{seed}", "--seed")})
     existed = run_dir_of(recipe).exists()
     try:
         run = Run(recipe, registry, resume=resume, force=force, allow_optimizer_change=allow_optimizer_change)
@@ -233,7 +234,7 @@ def run_recipe(path: str, *, resume: bool = False, force: bool = False, seed: in
         raise (exc if exc.source else exc.with_source(str(path))) from None
     try:
         run.train(evaluate_stages=True)
-        run.report(recipe["stages"][-1]["name"])
+        run.report(recipe.stages[-1].name)
     except BaseException:
         if not existed and run.accelerator.is_main_process:
             _remove_if_unstarted(run.run_dir, recipe)
@@ -243,11 +244,11 @@ def run_recipe(path: str, *, resume: bool = False, force: bool = False, seed: in
     return run.run_dir
 
 
-def _remove_if_unstarted(run_dir: Path, recipe: dict) -> None:
+def _remove_if_unstarted(run_dir: Path, recipe: Recipe) -> None:
     """A folder this invocation created and that holds no step yet (no log line, no checkpoint) goes again."""
     from sslbench.training.run_folder import remove_run_folder
 
     log = run_dir / "log.jsonl"
     if (log.exists() and log.stat().st_size) or (run_dir / "checkpoints" / "last.pt").exists():
         return
-    remove_run_folder(run_dir, Path(recipe["run"]["output_dir"]))
+    remove_run_folder(run_dir, Path(recipe.run.output_dir))

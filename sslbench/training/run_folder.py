@@ -24,7 +24,8 @@ from typing import Any
 from sslbench.core.version import __version__
 from sslbench.core.errors import UserError
 from sslbench.core.io import atomic_directory, atomic_write_text, remove_stale_temp_files
-from sslbench.training.recipe import hashed_form, protocol_hash, recipe_hash, to_toml
+from sslbench.training.recipe import to_toml
+from sslbench.training.spec import Recipe, hashed_form
 
 META = "recipe.json"
 # Keys a resume may change with --allow-optimizer-change: they steer the optimiser, not what is trained.
@@ -32,8 +33,8 @@ _RESUMABLE = re.compile(r"stages\[\d+\]\.(optimizer\.(lr|betas|eps|momentum|weig
                         r"scale_lr_by_batch)|schedule(\.\w+)?|clip_grad)$")
 
 
-def run_dir_of(recipe: dict) -> Path:
-    return Path(recipe["run"]["output_dir"]) / recipe["run"]["name"]
+def run_dir_of(recipe: Recipe) -> Path:
+    return Path(recipe.run.output_dir) / recipe.run.name
 
 
 def read_meta(run_dir: Path) -> dict | None:
@@ -45,12 +46,13 @@ def read_meta(run_dir: Path) -> dict | None:
     return meta if isinstance(meta, dict) and isinstance(meta.get("recipe_hash"), str) else None
 
 
-def write_meta(run_dir: Path, recipe: dict, **extra: Any) -> None:
+def write_meta(run_dir: Path, recipe: Recipe, **extra: Any) -> None:
     """``recipe.toml`` (resolved) and ``recipe.json`` (hashes, version, ``extra``, the recipe) in ``run_dir``."""
     atomic_write_text(run_dir / "recipe.toml", to_toml(recipe))
-    atomic_write_text(run_dir / META, json.dumps({"recipe_hash": recipe_hash(recipe),
-                                                  "protocol_hash": protocol_hash(recipe),
-                                                  "sslbench_version": __version__, **extra, "recipe": recipe},
+    atomic_write_text(run_dir / META, json.dumps({"recipe_hash": recipe.recipe_hash,
+                                                  "protocol_hash": recipe.protocol_hash,
+                                                  "sslbench_version": __version__, **extra,
+                                                  "recipe": recipe.as_dict()},
                                                  indent=2))
 
 
@@ -66,7 +68,7 @@ def remove_run_folder(run_dir: Path, output_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
-def recipe_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+def recipe_changes(old: dict | Recipe, new: dict | Recipe) -> list[tuple[str, Any, Any]]:
     """``(key path, old value, new value)`` for every key whose value differs between two resolved recipes,
     ignoring the keys left out of the recipe hash."""
     changes: list[tuple[str, Any, Any]] = []
@@ -90,7 +92,7 @@ def _listing(changes: list[tuple[str, Any, Any]], limit: int = 3) -> str:
     return shown + (f" and {len(changes) - limit} more" if len(changes) > limit else "")
 
 
-def reopen_check(run_dir: Path, recipe: dict, *, resume: bool, allow_optimizer_change: bool) -> dict | None:
+def reopen_check(run_dir: Path, recipe: Recipe, *, resume: bool, allow_optimizer_change: bool) -> dict | None:
     """Check that ``recipe`` may write into the existing ``run_dir``. Returns the history entry to record when a
     resume changes optimiser settings, else ``None``. Raises :class:`UserError` otherwise."""
     meta = read_meta(run_dir)
@@ -102,7 +104,7 @@ def reopen_check(run_dir: Path, recipe: dict, *, resume: bool, allow_optimizer_c
     if has_state and not resume:
         raise UserError(f"{run_dir}: a run with this name exists; pass --resume to continue it or --force to start "
                         "over")
-    if meta["recipe_hash"] == recipe_hash(recipe):
+    if meta["recipe_hash"] == recipe.recipe_hash:
         return None
     old = meta.get("recipe")
     changes = recipe_changes(old, recipe) if isinstance(old, dict) else []
@@ -118,10 +120,10 @@ def reopen_check(run_dir: Path, recipe: dict, *, resume: bool, allow_optimizer_c
     raise UserError(f"{run_dir}: holds a run of a different recipe{what}; {hint}")
 
 
-def open_run_folder(recipe: dict, *, resume: bool, force: bool, allow_optimizer_change: bool = False) -> Path:
+def open_run_folder(recipe: Recipe, *, resume: bool, force: bool, allow_optimizer_change: bool = False) -> Path:
     """Create the run folder whole (or reopen it for a resume); main process only. Returns its path."""
     run_dir = run_dir_of(recipe)
-    output_dir = Path(recipe["run"]["output_dir"])
+    output_dir = Path(recipe.run.output_dir)
     history_entry = None
     if run_dir.exists() or run_dir.is_symlink():
         if force:

@@ -25,6 +25,7 @@ from sslbench.core.objective import Batch
 from sslbench.core.progress import progress_bar
 from sslbench.core.rng import KeyedRandom
 from sslbench.training.optim import StageSchedule, build_optimizer, frozen_names, param_groups
+from sslbench.training.spec import Recipe, StageSpec
 
 
 @dataclass
@@ -40,13 +41,13 @@ class Progress:
         return dict(stage=self.stage, step=self.step, global_step=self.global_step, finished=self.finished)
 
 
-def stage_length(stage: dict, num_samples: int, key: str = "stages[?]") -> tuple[int, int]:
+def stage_length(stage: StageSpec, num_samples: int, key: str = "stages[?]") -> tuple[int, int]:
     """(steps per epoch, total optimiser steps) of a stage; drop_last batching. ``key`` names the stage in errors."""
-    steps_per_epoch = num_samples // stage["batch_size"]
+    steps_per_epoch = num_samples // stage.batch_size
     if steps_per_epoch == 0:
         raise RecipeError(f"{key}.batch_size",
-                          f"{stage['batch_size']} is larger than the {num_samples} training images")
-    total = stage["steps"] if stage["steps"] is not None else max(1, round(stage["epochs"] * steps_per_epoch))
+                          f"{stage.batch_size} is larger than the {num_samples} training images")
+    total = stage.steps if stage.steps is not None else max(1, round(stage.epochs * steps_per_epoch))
     return steps_per_epoch, total
 
 
@@ -57,7 +58,7 @@ def step_rng(seed: int, step: int, index: torch.Tensor) -> KeyedRandom:
 class StageTrainer:
     """Trains one stage. ``save`` is called with (progress, reason) when a checkpoint is due."""
 
-    def __init__(self, accelerator, objective, stage: dict, stage_index: int, recipe: dict, dataset, data_info,
+    def __init__(self, accelerator, objective, stage: StageSpec, stage_index: int, recipe: Recipe, dataset, data_info,
                  loader_factory: Callable, log: Callable[[dict], None]):
         self.accelerator = accelerator
         self.objective = objective
@@ -70,13 +71,13 @@ class StageTrainer:
         self.log = log
         self.steps_per_epoch, self.total_steps = stage_length(stage, len(dataset), f"stages[{stage_index}]")
         backbone = objective.backbone
-        self.frozen = frozen_names(objective, stage["freeze"], backbone.depth, f"stages[{stage_index}].freeze")
+        self.frozen = frozen_names(objective, stage.freeze, backbone.depth, f"stages[{stage_index}].freeze")
         groups = param_groups(objective, backbone, stage, self.frozen)
         self.optimizer = build_optimizer(groups, stage)
         self.schedule = StageSchedule(self.optimizer, stage, self.total_steps, self.steps_per_epoch)
         self.model, self.optimizer = accelerator.prepare(objective, self.optimizer)
         self.views = objective.views(data_info)
-        self.ema = EMA(backbone, stage["ema_momentum"]).eval() if stage["ema_momentum"] > 0 else None
+        self.ema = EMA(backbone, stage.ema_momentum).eval() if stage.ema_momentum > 0 else None
         self.trainable = [p for p in objective.parameters() if p.requires_grad]
 
     def state_dict(self) -> dict:
@@ -97,12 +98,12 @@ class StageTrainer:
             log_every: int) -> None:
         acc = self.accelerator
         # Each stage walks its own sequence of epochs (seeded by run seed and stage), resumable mid-epoch.
-        data_seed = self.recipe["run"]["seed"] * 1009 + self.stage_index
-        micro_global = self.stage["batch_size"] // self.stage["grad_accum"]
-        loader = self.loader_factory(self.dataset, micro_global, data_seed, progress.step * self.stage["grad_accum"])
+        data_seed = self.recipe.run.seed * 1009 + self.stage_index
+        micro_global = self.stage.batch_size // self.stage.grad_accum
+        loader = self.loader_factory(self.dataset, micro_global, data_seed, progress.step * self.stage.grad_accum)
         batches = iter(loader)
         bar = progress_bar(acc.is_main_process, total=self.total_steps, initial=progress.step,
-                           desc=self.stage["name"], leave=True)
+                           desc=self.stage.name, leave=True)
         try:
             self._loop(batches, bar, progress, save, checkpoint_every, log_every)
         finally:
@@ -110,12 +111,12 @@ class StageTrainer:
 
     def _loop(self, batches, bar, progress: Progress, save, checkpoint_every: int, log_every: int) -> None:
         acc = self.accelerator
-        seed = self.recipe["run"]["seed"]
+        seed = self.recipe.run.seed
         self.model.train()
         window_images, window_start = 0, time.perf_counter()
         while progress.step < self.total_steps:
             lr = self.schedule.set(progress.step)
-            micro = [next(batches) for _ in range(self.stage["grad_accum"])]
+            micro = [next(batches) for _ in range(self.stage.grad_accum)]
             loss_sum, logs_sum = 0.0, {}
             for i, batch in enumerate(micro):
                 loaded = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
@@ -136,8 +137,8 @@ class StageTrainer:
                     logs_sum[k] = logs_sum.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / len(micro)
                 window_images += images.shape[0] * acc.num_processes
             grads_finite = all_finite([p.grad for p in self.trainable])
-            if self.stage["clip_grad"] > 0:
-                acc.clip_grad_norm_(self.trainable, self.stage["clip_grad"])
+            if self.stage.clip_grad > 0:
+                acc.clip_grad_norm_(self.trainable, self.stage.clip_grad)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             # Checked after the step, before anything (EMA, queues, a checkpoint) can keep what it produced.
@@ -150,7 +151,7 @@ class StageTrainer:
             progress.global_step += 1
             if progress.step % log_every == 0 or progress.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
-                record = {"stage": self.stage_index, "stage_name": self.stage["name"], "step": progress.step,
+                record = {"stage": self.stage_index, "stage_name": self.stage.name, "step": progress.step,
                           "global_step": progress.global_step, "loss": float(acc.reduce(loss_sum, "mean")),
                           "lr": lr, "images_per_s": window_images / max(elapsed, 1e-9)}
                 record.update({k: float(acc.reduce(torch.as_tensor(v, device=acc.device), "mean"))
@@ -175,7 +176,7 @@ class StageTrainer:
                 "the gradients became non-finite" if bad_grads else
                 "the weights became non-finite after the optimiser step")
         raise TrainingDiverged(
-            f"{what} at stage {self.stage['name']!r} step {progress.step + 1} (global step "
+            f"{what} at stage {self.stage.name!r} step {progress.step + 1} (global step "
             f"{progress.global_step + 1}; loss {float(loss.detach()):.6g}, lr {lr:.3g}); nothing from this step "
             "was saved")
 
@@ -189,7 +190,7 @@ class StageTrainer:
         flag = (~all_finite(tensors)).float().reshape(1).to(self.accelerator.device)
         if float(self.accelerator.reduce(flag, "sum")) > 0:
             raise TrainingDiverged(
-                f"the optimiser state became non-finite by stage {self.stage['name']!r} step {progress.step} "
+                f"the optimiser state became non-finite by stage {self.stage.name!r} step {progress.step} "
                 f"(global step {progress.global_step}; a squared gradient overflowed); it was not saved")
 
 

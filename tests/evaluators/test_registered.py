@@ -82,13 +82,13 @@ def test_rows_are_sane_and_deterministic(name):
 def test_rows_go_into_metrics_csv(name, tmp_path, tiny_recipe):
     from sslbench.training.recipe import resolve
     from sslbench.training.publish import metric_rows
+    from sslbench.training.spec import EvalSpec
     from sslbench.results.metrics import read_metrics, write_metrics
 
     evaluator = build(name)
     train, test = fake_splits(evaluator.requests(DEPTH))
-    results = [({"name": name, "use_ema": False}, row)
-               for row in evaluator.evaluate(train, test, evaluator.requests(DEPTH))]
     recipe = resolve(tiny_recipe, REGISTRY)
+    results = [(EvalSpec(name, False, {}), row) for row in evaluator.evaluate(train, test, evaluator.requests(DEPTH))]
     rows = metric_rows(recipe, results, run_id="r", objective="mae", stage="s", checkpoint="c")
     write_metrics(tmp_path, rows)
     assert len(read_metrics(tmp_path / "metrics.csv")) == len(results)

@@ -26,7 +26,7 @@ from sslbench.training.resume import load_resume_state
 
 from .test_mim_refiner import images, step_inputs, tiny_backbone
 from torch import nn
-from ..conftest import layer_types, linears
+from ..conftest import layer_types, linears, stage_spec
 from sslbench_plugins.mae_ct import maect_predictor, maect_projector
 
 SMALL = {"proj_hidden": 32, "proj_out": 8, "pred_hidden": 16, "queue_size": 16}
@@ -38,12 +38,12 @@ def make(seed: int = 0, depth: int = 2, **options) -> MAECT:
     return MAECT(tiny_backbone(depth), opts, StageContext(0, 1, 1, 1, 0, 0))
 
 
-def stage(freeze: list[str], layer_decay: float = 1.0) -> dict:
-    return {"freeze": freeze, "layer_decay": layer_decay, "optimizer": {"weight_decay": 0.05, "head_weight_decay": None}}
+def stage(freeze: list[str], layer_decay: float = 1.0):
+    return stage_spec(freeze=freeze, layer_decay=layer_decay, optimizer={"weight_decay": 0.05})
 
 
 def train_step(objective, stage_cfg, step: int = 0, lr: float = 0.1):
-    frozen = frozen_names(objective, stage_cfg["freeze"], objective.backbone.depth, "freeze")
+    frozen = frozen_names(objective, stage_cfg.freeze, objective.backbone.depth, "freeze")
     groups = param_groups(objective, objective.backbone, stage_cfg, frozen)
     optimizer = torch.optim.SGD(groups, lr=lr)
     views, batch = step_inputs(objective, images(8, seed=step), torch.arange(8) + 8 * step, step)

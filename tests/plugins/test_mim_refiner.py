@@ -25,7 +25,7 @@ from sslbench_plugins.mim_refiner import (MIMRefiner, proportional_blocks,
 from sslbench.training.resume import load_resume_state
 from sslbench.core.objective import Batch
 from torch import nn
-from ..conftest import layer_types, linears
+from ..conftest import layer_types, linears, stage_spec
 from sslbench_plugins.mim_refiner import mimrefiner_predictor, mimrefiner_projector
 
 SMALL = {"proj_hidden": 32, "proj_out": 8, "pred_hidden": 16, "queue_size": 12, "local_views": 2}
@@ -61,9 +61,9 @@ def step_inputs(objective, imgs, index, step):
     return [v.to(torch.get_default_dtype()) for v in views], Batch(index=index, rng=rng)
 
 
-def stage(freeze: list[str], layer_decay: float = 1.0) -> dict:
-    """The stage keys that freezing and parameter groups read."""
-    return {"freeze": freeze, "layer_decay": layer_decay, "optimizer": {"weight_decay": 0.05, "head_weight_decay": None}}
+def stage(freeze: list[str], layer_decay: float = 1.0):
+    """A stage with the keys that freezing and parameter groups read."""
+    return stage_spec(freeze=freeze, layer_decay=layer_decay, optimizer={"weight_decay": 0.05})
 
 
 # ------------------------------------------------------------------------------------------- pairing, placement
@@ -129,7 +129,7 @@ def test_local_views_use_the_position_embedding_resized_to_their_grid():
 # ------------------------------------------------------------------------------------------------- gradients
 
 def _train_step(objective, stage_cfg, step=0):
-    frozen = frozen_names(objective, stage_cfg["freeze"], objective.backbone.depth, "freeze")
+    frozen = frozen_names(objective, stage_cfg.freeze, objective.backbone.depth, "freeze")
     param_groups(objective, objective.backbone, stage_cfg, frozen)          # sets requires_grad as the trainer does
     objective.zero_grad(set_to_none=True)
     views, batch = step_inputs(objective, images(8), torch.arange(8), step)
