@@ -91,10 +91,11 @@ def param_groups(objective: nn.Module, backbone, stage: StageSpec, frozen: set[s
     return [{"params": ps, "lr_scale": s, "weight_decay": wd} for (s, wd), ps in sorted(groups.items())]
 
 
-def build_optimizer(groups: list[dict], stage: StageSpec) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict], stage: StageSpec, key: str = "stages[?]") -> torch.optim.Optimizer:
+    """AdamW or SGD over ``groups``; ``key`` (``stages[i]``) names the stage in errors."""
     opt = stage.optimizer
     if not groups:
-        raise RecipeError(f"stage {stage.name!r}.freeze", "every parameter is frozen: nothing to train")
+        raise RecipeError(f"{key}.freeze", "every parameter is frozen: nothing to train")
     if opt.name == "sgd":
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum)
     return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)

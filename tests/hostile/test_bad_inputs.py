@@ -61,6 +61,7 @@ CASES = [
     ("rgb_backbone_on_grey_images", _set("backbone.in_chans", 3), ["data.train", "in_chans"]),
     ("k_larger_than_train", _set("eval.0.k", [5, 100_000]), ["eval[0]", "k:", "100000"]),
     ("freeze_matches_nothing", _set("stages.0.freeze", ["backbone.nothing.*"]), ["stages[0].freeze[0]"]),
+    ("everything_frozen", _set("stages.0.freeze", ["backbone", "heads"]), ["stages[0].freeze", "nothing to train"]),
     ("checkpoint_missing", _set("backbone.checkpoint", "/nonexistent/weights.pt"),
      ["backbone.checkpoint", "/nonexistent/weights.pt"]),
     ("corrupt_image", lambda r, tmp: _folder_recipe(r, _image_folder(tmp / "corrupt", "random")),
