@@ -45,7 +45,7 @@ def _check(path: str, allow_missing: bool) -> int:
         backbone = context.backbone
         print(f"Backbone {recipe.backbone.model}: {_millions(_count(backbone.parameters()))} parameters, "
               f"{backbone.depth} blocks, width {backbone.embed_dim}, {backbone.num_patches} patches")
-        for i, objective, carried_over in context.objective_chain():
+        for i, objective, carried_over in context.stage_objectives():
             stage = recipe.stages[i]
             carried = " (carried over)" if carried_over else ""
             frozen = frozen_names(objective, stage.freeze, backbone.depth, f"stages[{i}].freeze")

@@ -1,10 +1,12 @@
 """The run context: what a recipe names, built once and in one place for ``run``, ``eval``, ``check`` and
 ``--dry-run`` — the accelerator, the backbone with its checkpoint, the evaluators (checked against the backbone),
-the data (real, synthetic, or none), and the objective of each stage, carried from stage to stage.
+the data (real, synthetic, or none), and the objective of each stage, carried from stage to stage. ``sslbench
+check``, for instance, builds the model on the meta device without data or accelerator::
 
-    >>> # sslbench check: the model on the meta device, no data, no accelerator
-    >>> # context = RunContext.build(recipe, registry, data="none", load_weights=False, accelerator=False)
-    >>> # for index, objective, carried in context.objective_chain(): ...
+    with torch.device("meta"):
+        context = RunContext.build(recipe, registry, data="none", load_weights=False, accelerator=False)
+        for index, objective, carried in context.stage_objectives():
+            ...
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class RunContext:
         return build_objective(self.registry, self.recipe, self.backbone, index, previous, self.stage_context(index),
                                device)
 
-    def objective_chain(self) -> Iterator[tuple[int, Any, bool]]:
+    def stage_objectives(self) -> Iterator[tuple[int, Any, bool]]:
         """``(index, objective, carried)`` for every stage, carrying objectives over as a run does."""
         objective = None
         for index in range(len(self.recipe.stages)):

@@ -77,15 +77,8 @@ class Run:
             truncate_log(self.log_path, self.progress.global_step if self.resume_state is not None else 0)
         acc.wait_for_everyone()
         if recipe.run.trackers:
-            flat = {"recipe_hash": recipe_hash(recipe), "objective": self.objective_chain()}
+            flat = {"recipe_hash": recipe_hash(recipe), "objective": self.recipe.objective_chain()}
             acc.init_trackers(recipe.run.name, config=flat)
-
-    def objective_chain(self) -> str:
-        names = []
-        for stage in self.recipe.stages:
-            if not names or names[-1] != stage.objective:
-                names.append(stage.objective)
-        return "+".join(names)
 
     def _log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -130,7 +123,7 @@ class Run:
         start = recipe.backbone.checkpoint or "scratch"
         # Seeds of one recipe share a checkpoint label, so the leaderboard averages them.
         recipe_name = re.sub(r"-seed\d+$", "", self.run_dir.name)
-        rows = metric_rows(recipe, results, run_id=self.run_dir.name, objective=self.objective_chain(),
+        rows = metric_rows(recipe, results, run_id=self.run_dir.name, objective=self.recipe.objective_chain(),
                            stage=stage_name, checkpoint=f"{start} → {recipe_name}/{stage_name}")
         publish_rows(self.run_dir, rows, Path(recipe.run.output_dir))
         return rows
