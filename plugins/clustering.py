@@ -53,7 +53,8 @@ class Clustering(Evaluator):
         scores = clustering(split.features[request], split.labels, n_init=o["n_init"], seed=o["seed"],
                             max_iter=o["max_iter"], silhouette=o["silhouette"], subsample=o["subsample"],
                             l2_normalize=o["l2_normalize"])
-        return [MetricValue(metric, value, f"{o['split']},{request}") for metric, value in scores.items()]
+        return [MetricValue(metric, value, {"split": o["split"], "feature": str(request)})
+                for metric, value in scores.items()]
 
 
 @sslbench.hookimpl

@@ -41,11 +41,11 @@ class KNN(Evaluator):
         scores = knn(train.features[request], train.labels, test.features[request], test.labels,
                      k=tuple(self.opts["k"]), temperature=self.opts["temperature"],
                      standardize=self.opts["standardize"])
-        suffix = f"{request}" + (",std" if self.opts["standardize"] else "")
         rows = []
-        for key, value in scores.items():
-            metric, _, k = key.partition("@")
-            rows.append(MetricValue(metric=metric, value=value, variant=f"{k},{suffix}"))
+        for key, value in scores.items():                  # "top1@k=20"
+            metric, _, k = key.partition("@k=")
+            rows.append(MetricValue(metric, value, {"k": int(k), "feature": str(request),
+                                                    "std": self.opts["standardize"]}))
         return rows
 
 

@@ -106,12 +106,12 @@ class LinearProbe(Evaluator):
         split, chosen, norm = result.selection_split, result.chosen, o["norm"]
         config = {"variant": chosen.variant, "batchnorm": chosen.batchnorm, "lr": chosen.lr,
                   "val_top1": round(chosen.val_top1, 4)}
-        rows = [MetricValue("top1", chosen.test_top1, f"best,{norm}", split, config),
-                MetricValue("val_top1", chosen.val_top1, f"best,{norm}", split, config)]
+        rows = [MetricValue("top1", chosen.test_top1, {"head": "best", "stream": norm}, split, config),
+                MetricValue("val_top1", chosen.val_top1, {"head": "best", "stream": norm}, split, config)]
         for name in variants:
             heads = [h for h in result.heads if h.variant == name]
             best = max(heads, key=lambda h: h.val_top1)          # first of equal values, like the overall choice
-            rows.append(MetricValue("top1", best.test_top1, f"{name},{norm}", split,
+            rows.append(MetricValue("top1", best.test_top1, {"head": name, "stream": norm}, split,
                                     {"batchnorm": best.batchnorm, "lr": best.lr, "val_top1": round(best.val_top1, 4)}))
         return rows
 

@@ -48,7 +48,8 @@ class LowShot(Evaluator):
         rows = []
         for key, value in scores.items():
             setting, metric = key.split("_", 1)           # "1shot_top1_std" → ("1shot", "top1_std")
-            rows.append(MetricValue(metric, value, f"{setting},{request}", extra={"splits": o["splits"]}))
+            rows.append(MetricValue(metric, value, {"setting": setting, "feature": str(request)},
+                                    extra={"splits": o["splits"]}))
         return rows
 
 

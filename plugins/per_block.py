@@ -3,7 +3,8 @@
 The curve behind MIM-Refiner (Alkin et al. 2024, figure 1): a MIM model's representation peaks in an intermediate
 block, a refined one at the end. The math is :func:`sslbench.evaluation.per_block` (DINO k-NN per block).
 
-Rows: ``top1`` (and ``top5``) with variant ``k=<k>,block=<i>,<raw|normed>[,std]``, blocks numbered from 0. The
+Rows: ``top1`` (and ``top5``) with the fields ``k``, ``block`` (numbered from 0), ``stream`` (raw or normed) and
+``std`` (variant text ``k=<k>,block=<i>,<stream>[,std]``). The
 evaluator only returns rows; whoever writes a run's rows (``sslbench.training.publish``) also writes the table
 (``per_block.csv``) and the curve (``per_block.png``) beside its ``metrics.csv``, and ``sslbench leaderboard
 --plots`` draws the curves of every run — so the plot is always made from exactly the rows that were recorded.
@@ -52,7 +53,6 @@ class PerBlock(Evaluator):
 
     def evaluate(self, train, test, requests):
         o = self.opts
-        suffix = ",std" if o["standardize"] else ""
         layout: dict[str, dict[int, FeatureRequest]] = {}
         for request in requests:                            # {norm: {block: request}}, in the requests' order
             layout.setdefault(request.norm, {})[request.block] = request
@@ -63,8 +63,9 @@ class PerBlock(Evaluator):
                                k=tuple(o["k"]), temperature=o["temperature"], standardize=o["standardize"])
             for key, value in scores.items():            # "block3/top1@k=20"
                 block, _, name = key.partition("/")
-                metric, _, k = name.partition("@")
-                rows.append(MetricValue(metric, value, f"{k},block={block[len('block'):]},{norm}{suffix}"))
+                metric, _, k = name.partition("@k=")
+                rows.append(MetricValue(metric, value, {"k": int(k), "block": int(block[len("block"):]),
+                                                        "stream": norm, "std": o["standardize"]}))
         return rows
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -98,3 +100,11 @@ def test_value_axis_limits_show_small_differences():
 
     assert value_axis_limits([80.7, 80.96, 81.0]) == pytest.approx((79.7, 82.0))
     assert value_axis_limits([20.0, 80.0]) == pytest.approx((0.0, 110.0))  # never below 0
+
+
+def test_per_block_table_reads_the_fields_not_the_text():
+    fields = [{"k": 20, "block": b, "stream": "raw", "std": False} for b in range(3)]
+    frame = pd.DataFrame([row("a", "per_block", "top1", "not parsed", 60.0 + b, fields=json.dumps(f))
+                          for b, f in enumerate(fields)])
+    table = per_block_table(frame)
+    assert list(table["block"]) == [0, 1, 2] and list(table["top1@k=20,raw"]) == [60.0, 61.0, 62.0]

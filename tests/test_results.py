@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import re
 import statistics
@@ -173,6 +174,18 @@ def test_ema_rows_share_columns_with_encoder_rows(tmp_path: Path) -> None:
     assert board.loc[("mae+mim_refiner", "scratch (ema)"), "knn/top1[k=20,std]"] == 76.0
     # Without the "(ema)" checkpoint label the marker stays: nothing else would tell the rows apart.
     assert board.loc[("x", "scratch"), "knn/top1[k=20,ema]"] == 1.0
+
+
+def test_leaderboard_columns_come_from_the_variant_fields(tmp_path: Path) -> None:
+    """Rows that carry their fields are grouped by them, not by the text: here the text is deliberately wrong."""
+    ema = {"k": 20, "feature": "b1.cls.normed", "ema": True}
+    write_metrics(tmp_path / "a", [row("a", 0, "ignored", 70.0, fields={"k": 20, "feature": "b1.cls.normed"})])
+    write_metrics(tmp_path / "b", [row("b", 0, "also ignored", 75.0, checkpoint="scratch (ema)", fields=ema)])
+    board = build_leaderboard(collect_runs(tmp_path)).set_index("checkpoint")
+    assert board.loc["scratch", "knn/top1[k=20,b1.cls.normed]"] == 70.0
+    assert board.loc["scratch (ema)", "knn/top1[k=20,b1.cls.normed]"] == 75.0
+    frame = pd.read_csv(tmp_path / "b" / "metrics.csv")
+    assert json.loads(frame["fields"][0]) == ema                   # stored as JSON, in the fields' order
 
 
 def test_write_leaderboard_csv_and_markdown(tmp_path: Path) -> None:

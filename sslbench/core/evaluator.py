@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -112,18 +112,44 @@ class DataSummary:
         return sum(1 for c in self.class_counts if c > 0)
 
 
+#: Variant fields written as ``name=value`` (the others as their value alone; a true flag as its name).
+NAMED_FIELDS = ("k", "block")
+
+
+def format_variant(fields: Mapping[str, Any]) -> str:
+    """The one text form of a result's variant fields, in their order: ``{"k": 20, "feature": "b11.cls.normed",
+    "std": True}`` → ``"k=20,b11.cls.normed,std"`` (a false flag is left out). It names leaderboard columns and the
+    ``variant`` column of ``metrics.csv``; code reads the fields themselves, never this text."""
+    parts = []
+    for key, value in fields.items():
+        if isinstance(value, bool):
+            if value:
+                parts.append(key)
+        elif key in NAMED_FIELDS:
+            parts.append(f"{key}={value}")
+        else:
+            parts.append(str(value))
+    return ",".join(parts)
+
+
 @dataclass
 class MetricValue:
-    """One result: ``metric`` (e.g. ``top1``), ``variant`` (e.g. ``k=20,b11.cls.normed``), ``value``.
+    """One result: ``metric`` (e.g. ``top1``), ``value``, and the variant ``fields`` that tell it apart from the
+    evaluator's other results — e.g. ``{"k": 20, "feature": "b11.cls.normed"}`` for k-NN, ``{"k": 20, "block": 3,
+    "stream": "raw"}`` per block, ``{"setting": "1shot", ...}`` low-shot.
 
     ``selection_split`` names the data that chose any hyperparameter (``"none"`` when nothing was selected).
     """
 
     metric: str
     value: float
-    variant: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
     selection_split: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def variant(self) -> str:
+        return format_variant(self.fields)
 
 
 class Evaluator:

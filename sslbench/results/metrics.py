@@ -16,6 +16,7 @@ after an intermediate stage is never averaged with the final one.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -136,9 +137,12 @@ _TEXT_COLUMNS = tuple(c for c in COLUMNS if c not in ("seed", "value"))
 
 
 def _as_record(row: MetricRow | Mapping[str, Any], i: int) -> dict[str, Any]:
-    """A full row dict; a mapping gets the environment fields (versions, hardware, timestamp) filled in."""
+    """A full row dict; a mapping gets the environment fields (versions, hardware, timestamp) filled in, and its
+    variant ``fields`` (a dict) become their JSON text, in their order."""
     if isinstance(row, MetricRow):
         return row.as_dict()
+    if isinstance(row.get("fields"), Mapping):
+        row = {**row, "fields": json.dumps(dict(row["fields"]))}
     known = {k: v for k, v in row.items() if k in COLUMNS}
     try:
         filled = MetricRow(**known).as_dict()
@@ -161,7 +165,7 @@ def _column_order(records: list[dict]) -> list[str]:
 def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
     """Fix column types so rows from memory and rows read back from CSV compare and group identically."""
     frame = frame.copy()
-    for column in _TEXT_COLUMNS:
+    for column in (*_TEXT_COLUMNS, "fields"):
         if column in frame:
             frame[column] = frame[column].fillna("").astype(str)
     if "seed" in frame:
@@ -185,9 +189,10 @@ def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
     return _normalise(frame)
 
 
-def write_metrics(run_dir: str | os.PathLike, rows: Iterable[MetricRow | Mapping[str, Any]]) -> Path:
+def write_metrics(run_dir: str | os.PathLike, rows: Iterable[MetricRow | Mapping[str, Any]]) -> pd.DataFrame:
     """Add ``rows`` to ``run_dir/metrics.csv``, replacing earlier rows with the same (stage, evaluator, metric,
     variant). Idempotent: writing the same rows twice leaves one copy. Atomic, under a lock on ``metrics.csv.lock``.
+    Returns every row of the run (earlier stages' included), as written.
     """
     path = Path(run_dir) / "metrics.csv"
     new = _as_frame(rows)
@@ -203,7 +208,7 @@ def write_metrics(run_dir: str | os.PathLike, rows: Iterable[MetricRow | Mapping
             combined = new
         columns = list(COLUMNS) + sorted(set(combined.columns) - set(COLUMNS))
         atomic_write_csv(combined[columns], path)
-    return path
+    return _normalise(combined[columns])
 
 
 def collect_runs(root: str | os.PathLike) -> pd.DataFrame:
@@ -229,11 +234,24 @@ def metric_column(evaluator: str, metric: str, variant: str) -> str:
     return f"{evaluator}/{metric}[{variant}]" if variant else f"{evaluator}/{metric}"
 
 
-def _without_ema_marker(variant: str, checkpoint: str) -> str:
-    """``variant`` without its ``ema`` part when ``checkpoint`` is labelled ``(ema)``; otherwise unchanged."""
-    if not str(checkpoint).endswith("(ema)"):
-        return variant
-    return ",".join(part for part in str(variant).split(",") if part != "ema")
+def row_fields(rows: pd.DataFrame) -> list[dict[str, Any] | None]:
+    """Each row's variant fields (the ``fields`` column, JSON); ``None`` for a row written before sslbench recorded
+    them (2026-11-29), which only has the ``variant`` text."""
+    if "fields" not in rows:
+        return [None] * len(rows)
+    return [json.loads(text) if text else None for text in rows["fields"]]
+
+
+def _column_variant(fields: dict | None, variant: str, checkpoint: str) -> str:
+    """The variant a leaderboard column is named by: the fields without ``ema`` — an EMA row's checkpoint already
+    says ``(ema)`` (part of the row key), so the EMA of one run and the encoder of another share columns."""
+    from sslbench.core.evaluator import format_variant
+
+    labelled = str(checkpoint).endswith("(ema)")      # without the label the marker stays: nothing else tells
+    if fields is not None:
+        return format_variant({k: v for k, v in fields.items() if not (k == "ema" and labelled)})
+    # rows from before the fields were recorded: the text, with its "ema" part dropped for an "(ema)" checkpoint
+    return ",".join(part for part in str(variant).split(",") if not (part == "ema" and labelled))
 
 
 def _natural_key(text: str) -> tuple:
@@ -253,9 +271,7 @@ def build_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=[*key, "seeds", "latest_run"])
     rows = _normalise(df)
-    # An EMA row's checkpoint already says "(ema)" (part of the key): its variant's ",ema" marker is dropped from the
-    # column, so the EMA of one run and the encoder of another share columns and compare side by side.
-    variants = [_without_ema_marker(v, c) for v, c in zip(rows["variant"], rows["checkpoint"])]
+    variants = [_column_variant(f, v, c) for f, v, c in zip(row_fields(rows), rows["variant"], rows["checkpoint"])]
     rows["column"] = [metric_column(e, m, v) for e, m, v in zip(rows["evaluator"], rows["metric"], variants)]
     rows["_time"] = pd.to_datetime(rows["timestamp"], utc=True, errors="coerce", format="ISO8601")
     rows["_seed"] = rows["seed"].astype("float").fillna(-1)  # a row without a seed still counts, as its own seed

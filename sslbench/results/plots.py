@@ -54,10 +54,22 @@ def per_block_table(rows: pd.DataFrame) -> pd.DataFrame:
     ``<metric>@k=<k>,<stream>`` (e.g. ``top1@k=20,raw``). Empty when there are no per-block rows."""
     if rows.empty or "evaluator" not in rows:
         return pd.DataFrame()
+    from sslbench.core.evaluator import format_variant
+    from sslbench.results.metrics import row_fields
+
     rows = rows[rows["evaluator"] == "per_block"]
-    parsed = rows["variant"].str.extract(PER_BLOCK_VARIANT)
-    rows = rows.assign(k=pd.to_numeric(parsed["k"]), block=pd.to_numeric(parsed["block"]),
-                       stream=parsed["stream"]).dropna(subset=["block"])
+    # rows written before the variant fields were recorded (2026-11-29) have only the text: read it once, here
+    legacy = rows["variant"].str.extract(PER_BLOCK_VARIANT)
+    k, block, stream = [], [], []
+    for fields, (_, old) in zip(row_fields(rows), legacy.iterrows()):
+        if fields is None:
+            k.append(old["k"]), block.append(old["block"]), stream.append(old["stream"])
+        else:
+            k.append(fields.get("k")), block.append(fields.get("block"))
+            stream.append(format_variant({n: v for n, v in fields.items() if n not in ("k", "block")}))
+    rows = rows.assign(k=pd.to_numeric(pd.Series(k, index=rows.index, dtype=object)),
+                       block=pd.to_numeric(pd.Series(block, index=rows.index, dtype=object)),
+                       stream=stream).dropna(subset=["block"])
     if rows.empty:
         return pd.DataFrame()
     rows = rows.assign(column=[f"{m}@k={int(k)},{s}" for m, k, s in zip(rows["metric"], rows["k"], rows["stream"])])
@@ -89,16 +101,18 @@ def plot_per_block_rows(rows: pd.DataFrame, path: str | os.PathLike, title: str 
     return Path(plot_per_block(curves, path, title=title, metric=f"top1@k={largest}")) if curves else None
 
 
-def write_run_per_block(run_dir: str | os.PathLike) -> list[Path]:
-    """``per_block.csv`` and ``per_block.png`` beside ``run_dir/metrics.csv``, if the run has per-block rows."""
+def write_run_per_block(run_dir: str | os.PathLike, rows: pd.DataFrame | None = None) -> list[Path]:
+    """``per_block.csv`` and ``per_block.png`` beside ``run_dir/metrics.csv``, if the run has per-block rows:
+    ``rows`` (all the run's rows, as :func:`sslbench.results.metrics.write_metrics` returns them), else the file's."""
     from sslbench.core.io import atomic_write_csv
     from sslbench.results.metrics import read_metrics
 
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.csv"
-    if not metrics.is_file():
-        return []
-    rows = read_metrics(metrics)
+    if rows is None:
+        if not metrics.is_file():
+            return []
+        rows = read_metrics(metrics)
     table = per_block_table(rows)
     if table.empty:
         return []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sslbench.core.evaluator import format_variant
 from sslbench.training.spec import Recipe
 
 
@@ -22,10 +23,11 @@ def metric_rows(recipe: Recipe, results, *, run_id: str, objective: str, stage: 
               "seed": recipe.run.seed, "stage": stage, "hardware": hardware_description(), **versions()}
     rows = []
     for table, value in results:
-        variant = value.variant + (",ema" if table.use_ema else "")
+        # The EMA is one more variant field; the text form (the ``variant`` column) follows from the fields.
+        fields = {**value.fields, **({"ema": True} if table.use_ema else {})}
         rows.append({**common, "checkpoint": checkpoint + (" (ema)" if table.use_ema else ""),
-                     "evaluator": table.name, "metric": value.metric, "variant": variant,
-                     "value": float(value.value), "selection_split": value.selection_split,
+                     "evaluator": table.name, "metric": value.metric, "variant": format_variant(fields),
+                     "fields": fields, "value": float(value.value), "selection_split": value.selection_split,
                      "details": json.dumps(value.extra, sort_keys=True, default=str) if value.extra else ""})
     return rows
 
@@ -48,8 +50,7 @@ def publish_rows(run_dir: Path, rows: list[dict], runs_root: Path) -> None:
     from sslbench.results.plots import write_run_per_block
     from sslbench.results.metrics import refresh_leaderboard, write_metrics
 
-    write_metrics(run_dir, rows)
-    write_run_per_block(run_dir)
+    write_run_per_block(run_dir, write_metrics(run_dir, rows))      # the run's rows in memory, not read back
     for row in rows:
         print(f"{row['evaluator']:>12} {row['metric']:<10} {row['variant']:<34} {row['value']:8.2f}")
     board, _ = refresh_leaderboard(runs_root, runs_root.parent / "leaderboard.csv")

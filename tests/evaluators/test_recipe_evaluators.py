@@ -114,3 +114,12 @@ def test_per_block_block_and_norm_options():
 def test_a_block_outside_the_backbone_is_a_user_error(name):
     with pytest.raises(UserError, match=r"block: got 7, expected -4\.\.3"):
         build(name, {"block": 7}).requests(4)
+
+
+def test_variant_text_is_formatted_from_the_fields_in_one_place():
+    from sslbench.core.evaluator import MetricValue, format_variant
+
+    assert format_variant({"k": 20, "feature": "b11.cls.normed", "std": True}) == "k=20,b11.cls.normed,std"
+    assert format_variant({"k": 10, "block": 3, "stream": "raw", "std": False, "ema": True}) == "k=10,block=3,raw,ema"
+    assert format_variant({}) == ""
+    assert MetricValue("top1", 1.0, {"setting": "1shot", "feature": "b2.cls.normed"}).variant == "1shot,b2.cls.normed"
