@@ -1,0 +1,72 @@
+"""Intervals and paired tests on cases whose answers are known in closed form."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from sslbench.results.statistics import (binomial_interval, bootstrap_interval, mcnemar_test, paired_bootstrap,
+                                         seed_interval)
+
+
+def test_clopper_pearson_closed_forms_and_definition():
+    # 0 of n and n of n have closed forms: the one-sided bound solves (1 − p)^n = α/2, resp. p^n = α/2.
+    assert binomial_interval(0, 10).low == 0.0
+    assert binomial_interval(0, 10).high == pytest.approx(1 - 0.025 ** (1 / 10), abs=1e-12)    # 0.30850
+    assert binomial_interval(10, 10).low == pytest.approx(0.025 ** (1 / 10), abs=1e-12)        # 0.69150
+    low, high = binomial_interval(5, 10)
+    assert (round(low, 4), round(high, 4)) == (0.1871, 0.8129)
+    # the definition: at the bounds, the observed count is exactly at the α/2 tail
+    low, high = binomial_interval(7, 20)
+    assert stats.binom.sf(6, 20, low) == pytest.approx(0.025, abs=1e-9)      # P(X ≥ 7 | low) = α/2
+    assert stats.binom.cdf(7, 20, high) == pytest.approx(0.025, abs=1e-9)    # P(X ≤ 7 | high) = α/2
+    # the quickstart's interval quoted in the README: 294 of 450 digits
+    assert binomial_interval(294, 450).half_width == pytest.approx(0.044, abs=0.001)
+    with pytest.raises(ValueError):
+        binomial_interval(11, 10)
+
+
+def test_seed_interval_is_student_t():
+    interval = seed_interval([1.0, 2.0, 3.0])
+    assert interval.estimate == 2.0
+    assert interval.half_width == pytest.approx(4.302652729749464 / math.sqrt(3), rel=1e-12)   # t(0.975, 2)·s/√n
+    single = seed_interval([0.7])
+    assert (single.low, single.high, single.method) == (0.7, 0.7, "single seed")
+
+
+def test_bootstrap_interval_matches_the_normal_approximation_and_is_seeded():
+    correct = np.r_[np.ones(200), np.zeros(200)]                     # 50% of 400
+    interval = bootstrap_interval(correct, resamples=4000, seed=1)
+    assert interval.estimate == 0.5
+    assert interval.half_width == pytest.approx(1.96 * math.sqrt(0.25 / 400), abs=0.006)      # ≈ 0.049
+    assert bootstrap_interval(correct, seed=3) == bootstrap_interval(correct, seed=3)
+    constant = bootstrap_interval(np.ones(50))
+    assert (constant.low, constant.high) == (1.0, 1.0)
+
+
+def test_mcnemar_counts_only_the_discordant_samples():
+    # a alone right on 10 samples, b alone right on 2, both right on 50, both wrong on 38
+    a = np.r_[np.ones(10), np.zeros(2), np.ones(50), np.zeros(38)].astype(bool)
+    b = np.r_[np.zeros(10), np.ones(2), np.ones(50), np.zeros(38)].astype(bool)
+    test = mcnemar_test(a, b)
+    assert test.p_value == pytest.approx(2 * (1 + 12 + 66) / 4096, abs=1e-12)      # 2·P(Bin(12, ½) ≤ 2) = 0.0386
+    assert test.significant and test.difference == pytest.approx(0.08)
+    assert mcnemar_test(b, a).p_value == test.p_value
+    balanced = np.r_[np.ones(3), np.zeros(3)].astype(bool)
+    assert mcnemar_test(balanced, ~balanced).p_value == 1.0                         # 3 vs 3: no evidence
+    assert mcnemar_test(a, a).p_value == 1.0
+
+
+def test_paired_bootstrap_known_answers():
+    same = np.r_[np.ones(30), np.zeros(20)].astype(bool)
+    equal = paired_bootstrap(same, same)
+    assert (equal.difference, equal.low, equal.high, equal.p_value) == (0.0, 0.0, 0.0, 1.0)
+    better = np.r_[np.ones(60), np.zeros(40)].astype(bool)
+    worse = np.r_[np.ones(40), np.zeros(60)].astype(bool)                # a is right wherever b is, and on 20 more
+    test = paired_bootstrap(better, worse, seed=0)
+    assert test.difference == pytest.approx(0.2) and test.low > 0 and test.p_value == 0.0 and test.significant
+    with pytest.raises(ValueError):
+        paired_bootstrap(better, worse[:10])
