@@ -24,7 +24,7 @@ from sslbench.training.publish import metric_rows, publish_rows
 from sslbench.core.modules import EMA
 from sslbench.training.recipe import recipe_hash
 from sslbench.training.resume import load_resume_state, rng_state, save_resume_state, set_rng_state
-from sslbench.training.run_folder import open_run_folder, run_dir_of
+from sslbench.training.run_folder import check_run_folder, open_run_folder, run_dir_of
 from sslbench.training.context import RunContext
 from sslbench.training.spec import Recipe
 from sslbench.training.trainer import Progress, StageTrainer, append_jsonl, truncate_log
@@ -61,6 +61,7 @@ class Run:
         self.progress = Progress()
         self.ema = None
         self.resume_state = None
+        check_run_folder(recipe, resume=resume, force=force, allow_optimizer_change=allow_optimizer_change)
         last = self.ckpt_dir / "last.pt"
         if resume and last.exists() and not force:
             self.resume_state = load_resume_state(last)

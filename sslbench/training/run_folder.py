@@ -58,6 +58,11 @@ def write_meta(run_dir: Path, recipe: Recipe, **extra: Any) -> None:
 
 def remove_run_folder(run_dir: Path, output_dir: Path) -> None:
     """Delete ``run_dir`` for ``--force`` — only an sslbench run folder directly inside ``output_dir``."""
+    _check_removable(run_dir, output_dir)
+    shutil.rmtree(run_dir)
+
+
+def _check_removable(run_dir: Path, output_dir: Path) -> None:
     root = Path(output_dir).resolve()
     if run_dir.is_symlink() or run_dir.resolve().parent != root:
         raise UserError(f"{run_dir}: --force removes only run folders directly inside run.output_dir ({root}); "
@@ -65,7 +70,6 @@ def remove_run_folder(run_dir: Path, output_dir: Path) -> None:
     if read_meta(run_dir) is None:
         raise UserError(f"{run_dir}: not an sslbench run folder (no readable {META}); --force will not delete it. "
                         "Choose another run.name or move the folder away yourself")
-    shutil.rmtree(run_dir)
 
 
 def recipe_changes(old: dict | Recipe, new: dict | Recipe) -> list[tuple[str, Any, Any]]:
@@ -118,6 +122,18 @@ def reopen_check(run_dir: Path, recipe: Recipe, *, resume: bool, allow_optimizer
     else:
         hint = "rename run.name, or pass --force to start over"
     raise UserError(f"{run_dir}: holds a run of a different recipe{what}; {hint}")
+
+
+def check_run_folder(recipe: Recipe, *, resume: bool, force: bool, allow_optimizer_change: bool = False) -> None:
+    """Every check of :func:`open_run_folder`, writing nothing: run first, so that a refused run (another recipe's
+    folder, a folder that is not a run) is refused before anything is read from the folder."""
+    run_dir = run_dir_of(recipe)
+    if not (run_dir.exists() or run_dir.is_symlink()):
+        return
+    if force:
+        _check_removable(run_dir, Path(recipe.run.output_dir))
+    else:
+        reopen_check(run_dir, recipe, resume=resume, allow_optimizer_change=allow_optimizer_change)
 
 
 def open_run_folder(recipe: Recipe, *, resume: bool, force: bool, allow_optimizer_change: bool = False) -> Path:

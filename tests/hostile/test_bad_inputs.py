@@ -185,3 +185,17 @@ def test_corrupt_image_met_during_training_is_one_line(workers, tmp_path):
     message = str(caught.value)
     assert "3.png" in message and "cannot be decoded" in message
     assert "\n" not in message and "Traceback" not in message and "worker" not in message
+
+
+def test_resuming_with_another_model_is_refused_before_the_checkpoint_is_read(tiny_recipe, tmp_path, write_recipe,
+                                                                              refused):
+    """A wider backbone cannot take the saved weights: the recipe mismatch is reported, not a shape traceback."""
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["run"]["checkpoint_every"] = 2
+    from sslbench.cli import main
+
+    assert main(["run", str(write_recipe(recipe)), "--no-progress"]) == 0
+    wider = copy.deepcopy(recipe)
+    wider["backbone"]["embed_dim"] = 64
+    refused(["run", write_recipe(wider, "wider.toml"), "--resume", "--no-progress"],
+            "holds a run of a different recipe", "backbone.embed_dim")
