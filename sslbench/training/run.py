@@ -61,9 +61,10 @@ class Run:
         self.progress = Progress()
         self.ema = None
         self.resume_state = None
-        check_run_folder(recipe, resume=resume, force=force, allow_optimizer_change=allow_optimizer_change)
         last = self.ckpt_dir / "last.pt"
         if resume and last.exists() and not force:
+            # another recipe's folder is refused before anything is read from it (its weights may not even fit)
+            check_run_folder(recipe, resume=resume, force=force, allow_optimizer_change=allow_optimizer_change)
             self.resume_state = load_resume_state(last)
             self.progress = Progress(**self.resume_state["meta"]["progress"])
             self.backbone.vit.load_state_dict(self.resume_state["backbone"])
