@@ -22,9 +22,8 @@ from sslbench.core.io import atomic_torch_save
 from sslbench.evaluation.suite import evaluate_backbone
 from sslbench.training.publish import metric_rows, publish_rows
 from sslbench.core.modules import EMA
-from sslbench.training.recipe import recipe_hash
 from sslbench.training.resume import load_resume_state, rng_state, save_resume_state, set_rng_state
-from sslbench.training.run_folder import check_run_folder, open_run_folder, run_dir_of
+from sslbench.training.run_folder import open_run_folder, reopen_check, run_dir_of
 from sslbench.training.context import RunContext
 from sslbench.training.spec import Recipe
 from sslbench.training.trainer import Progress, StageTrainer, append_jsonl, truncate_log
@@ -64,7 +63,7 @@ class Run:
         last = self.ckpt_dir / "last.pt"
         if resume and last.exists() and not force:
             # another recipe's folder is refused before anything is read from it (its weights may not even fit)
-            check_run_folder(recipe, resume=resume, force=force, allow_optimizer_change=allow_optimizer_change)
+            reopen_check(self.run_dir, recipe, resume=True, allow_optimizer_change=allow_optimizer_change)
             self.resume_state = load_resume_state(last)
             self.progress = Progress(**self.resume_state["meta"]["progress"])
             self.backbone.vit.load_state_dict(self.resume_state["backbone"])
@@ -79,7 +78,7 @@ class Run:
             truncate_log(self.log_path, self.progress.global_step if self.resume_state is not None else 0)
         acc.wait_for_everyone()
         if recipe.run.trackers:
-            flat = {"recipe_hash": recipe_hash(recipe), "objective": self.recipe.objective_chain()}
+            flat = {"recipe_hash": recipe.recipe_hash, "objective": self.recipe.objective_chain()}
             acc.init_trackers(recipe.run.name, config=flat)
 
     def _log(self, record: dict) -> None:
@@ -96,7 +95,7 @@ class Run:
         if acc.is_main_process:
             objective = acc.unwrap_model(trainer.model)
             plain_rng, tensor_rng = rng_state()
-            meta = {"reason": reason, "recipe_hash": recipe_hash(self.recipe), "progress": progress.as_dict(),
+            meta = {"reason": reason, "recipe_hash": self.recipe.recipe_hash, "progress": progress.as_dict(),
                     "objective_name": objective.name, "rng": plain_rng}
             save_resume_state(self.ckpt_dir / "last.pt", meta, {
                 "objective": objective.state_dict(), "backbone": objective.backbone.vit.state_dict(),
@@ -185,7 +184,8 @@ class Run:
             ema = self.ema
             atomic_torch_save({"format": "sslbench", "backbone": self.backbone.vit.state_dict(),
                                "ema": ema.module.vit.state_dict() if ema is not None else None,
-                               "recipe_hash": recipe_hash(self.recipe), "backbone_recipe": self.recipe.as_dict()["backbone"]},
+                               "recipe_hash": self.recipe.recipe_hash,
+                               "backbone_recipe": self.recipe.as_dict()["backbone"]},
                               path)
         return path
 

@@ -124,18 +124,6 @@ def reopen_check(run_dir: Path, recipe: Recipe, *, resume: bool, allow_optimizer
     raise UserError(f"{run_dir}: holds a run of a different recipe{what}; {hint}")
 
 
-def check_run_folder(recipe: Recipe, *, resume: bool, force: bool, allow_optimizer_change: bool = False) -> None:
-    """Every check of :func:`open_run_folder`, writing nothing: run first, so that a refused run (another recipe's
-    folder, a folder that is not a run) is refused before anything is read from the folder."""
-    run_dir = run_dir_of(recipe)
-    if not (run_dir.exists() or run_dir.is_symlink()):
-        return
-    if force:
-        _check_removable(run_dir, Path(recipe.run.output_dir))
-    else:
-        reopen_check(run_dir, recipe, resume=resume, allow_optimizer_change=allow_optimizer_change)
-
-
 def open_run_folder(recipe: Recipe, *, resume: bool, force: bool, allow_optimizer_change: bool = False) -> Path:
     """Create the run folder whole (or reopen it for a resume); main process only. Returns its path."""
     run_dir = run_dir_of(recipe)

@@ -136,13 +136,14 @@ class StageTrainer:
                 for k, v in out.get("logs", {}).items():
                     logs_sum[k] = logs_sum.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / len(micro)
                 window_images += images.shape[0] * acc.num_processes
-            grads_finite = all_finite([p.grad for p in self.trainable])
+            grads_finite = norms_finite([p.grad for p in self.trainable])     # before clipping turns inf into NaN
             if self.stage.clip_grad > 0:
                 acc.clip_grad_norm_(self.trainable, self.stage.clip_grad)
             self.optimizer.step()
+            # Checked after the step, before anything (EMA, queues, a checkpoint) can keep what it produced; the
+            # gradients are released only after the check, which may need to look at them again.
+            self._check_finite(loss_sum, grads_finite, norms_finite(self.trainable), progress, lr)
             self.optimizer.zero_grad(set_to_none=True)
-            # Checked after the step, before anything (EMA, queues, a checkpoint) can keep what it produced.
-            self._check_finite(loss_sum, grads_finite, all_finite(self.trainable), progress, lr)
             unwrapped = acc.unwrap_model(self.model)
             unwrapped.after_step(progress.step)
             if self.ema is not None:
@@ -166,9 +167,19 @@ class StageTrainer:
     def _check_finite(self, loss: torch.Tensor, grads_finite: torch.Tensor, params_finite: torch.Tensor,
                       progress: Progress, lr: float) -> None:
         """Stop on a non-finite loss, gradient or weight (one flag reduction per step, so that every process stops
-        at the same step instead of hanging). The step's weights are never saved: the caller raises past them."""
-        flags = torch.stack([~torch.isfinite(loss.detach()).all(), ~grads_finite, ~params_finite]).float()
-        flags = self.accelerator.reduce(flags.to(self.accelerator.device), "sum")
+        at the same step instead of hanging). The step's weights are never saved: the caller raises past them.
+
+        The per-step flags come from :func:`norms_finite`, which needs no host round trip but also fires for finite
+        values above ~1e19; only then (every process together, since the reduced flags agree) is the exact test run.
+        """
+        def reduced(grads_ok: torch.Tensor, params_ok: torch.Tensor) -> torch.Tensor:
+            flags = torch.stack([~torch.isfinite(loss.detach()).all(), ~grads_ok, ~params_ok]).float()
+            return self.accelerator.reduce(flags.to(self.accelerator.device), "sum")
+
+        flags = reduced(grads_finite, params_finite)
+        if float(flags.sum()) == 0:
+            return
+        flags = reduced(all_finite([p.grad for p in self.trainable]), all_finite(self.trainable))
         if float(flags.sum()) == 0:
             return
         bad_loss, bad_grads, _ = (bool(f > 0) for f in flags)
@@ -179,7 +190,6 @@ class StageTrainer:
             f"{what} at stage {self.stage.name!r} step {progress.step + 1} (global step "
             f"{progress.global_step + 1}; loss {float(loss.detach()):.6g}, lr {lr:.3g}); nothing from this step "
             "was saved")
-
 
     def check_state_finite(self, progress: Progress) -> None:
         """Before a checkpoint: the optimiser's state must be finite too. Adam's second moment overflows to inf when
@@ -194,21 +204,25 @@ class StageTrainer:
                 f"(global step {progress.global_step}; a squared gradient overflowed); it was not saved")
 
 
-def all_finite(tensors) -> torch.Tensor:
-    """A boolean tensor: whether every element of every tensor (``None`` skipped) is finite.
-
-    Fast path: the 2-norm of each tensor (one fused ``_foreach_norm``), finite exactly when the tensor is — unless
-    finite values above ~1e19 overflow its sum of squares. Only when some 2-norm is not finite is the exact test
-    run: the largest magnitude, which NaN propagates through and which cannot overflow.
-    """
+def norms_finite(tensors) -> torch.Tensor:
+    """A boolean tensor, without a host round trip: whether the 2-norm of every tensor (``None`` skipped) is finite
+    (one fused ``_foreach_norm``). True means every element is finite; False can also mean finite values above
+    ~1e19, whose squares overflow — :func:`all_finite` tells."""
     tensors = [t.detach() for t in tensors if t is not None]
     if not tensors:
         return torch.tensor(True)
-    finite = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors)])).all()
+    return torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(tensors)])).all()
+
+
+def all_finite(tensors) -> torch.Tensor:
+    """A boolean tensor: whether every element of every tensor (``None`` skipped) is finite, exactly: the fast
+    :func:`norms_finite`, and where it fails the largest magnitude, which NaN propagates through and which cannot
+    overflow."""
+    finite = norms_finite(tensors)
     if bool(finite):
         return finite
-    peaks = torch._foreach_norm(tensors, float("inf"))
-    return torch.isfinite(torch.stack([p.float() for p in peaks])).all()
+    tensors = [t.detach() for t in tensors if t is not None]
+    return torch.isfinite(torch.stack([p.float() for p in torch._foreach_norm(tensors, float("inf"))])).all()
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
