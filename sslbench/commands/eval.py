@@ -105,13 +105,12 @@ def evaluate_checkpoint(recipe_path: str, checkpoint: str, fmt: str | None = Non
     The recipe's ``backbone.checkpoint_trusted`` is about the recipe's own checkpoint file and is never passed on
     to ``checkpoint``: a file named here may unpickle Python objects only with ``trust_checkpoint``
     (``--trust-checkpoint``), which the resolved recipe records."""
-    from sslbench.evaluation.suite import evaluate_backbone
-    from sslbench.training.recipe import check_run_name
-    from sslbench.training.run_folder import write_meta
     from sslbench.core.registry import get_registry
-    from sslbench.training.recipe import load_recipe
-    from sslbench.training.publish import dataset_label, metric_rows, publish_rows
+    from sslbench.evaluation.suite import evaluate_backbone
     from sslbench.training.context import RunContext
+    from sslbench.training.publish import dataset_label, metric_rows, publish_rows
+    from sslbench.training.recipe import check_run_name, load_recipe
+    from sslbench.training.run_folder import write_meta
 
     registry = get_registry()
     # The recipe's own checkpoint is replaced, so it need not exist here.
