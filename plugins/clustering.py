@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import sslbench
 from sslbench.core.errors import UserError
-from sslbench.core.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
+from sslbench.core.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, PerSample, feature_request, pick
 from sslbench.evaluation import clustering
+from sslbench.evaluation.clustering import hungarian_matched
 from sslbench.core.options import Option
 
 
@@ -50,11 +51,25 @@ class Clustering(Evaluator):
     def evaluate(self, train, test, requests):
         o, (request,) = self.opts, requests
         split = train if o["split"] == "train" else test
-        scores = clustering(split.features[request], split.labels, n_init=o["n_init"], seed=o["seed"],
-                            max_iter=o["max_iter"], silhouette=o["silhouette"], subsample=o["subsample"],
-                            l2_normalize=o["l2_normalize"])
-        return [MetricValue(metric, value, {"split": o["split"], "feature": str(request)})
+        scores, assignment = clustering(split.features[request], split.labels, n_init=o["n_init"], seed=o["seed"],
+                                        max_iter=o["max_iter"], silhouette=o["silhouette"],
+                                        subsample=o["subsample"], l2_normalize=o["l2_normalize"],
+                                        return_assignment=True)
+        # Per-sample records on the test set only (intervals and paired tests resample test samples): ACC's
+        # correctness under the matching found on all samples, NMI from the cluster ids.
+        records = {}
+        if o["split"] == "test":
+            ids, labels = assignment.numpy(), split.labels.numpy()
+            records = {"acc": PerSample("mean", hungarian_matched(ids, labels) == labels),
+                       "nmi": PerSample("partition", ids)}
+        return [MetricValue(metric, value, {"split": o["split"], "feature": str(request)},
+                            per_sample=records.get(metric))
                 for metric, value in scores.items()]
+
+    @classmethod
+    def headlines(cls, results):
+        chosen = {"cluster ACC": pick(results, "acc"), "cluster NMI": pick(results, "nmi")}
+        return {label: i for label, i in chosen.items() if i is not None}
 
 
 @sslbench.hookimpl

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import sslbench
 from sslbench.core.errors import UserError
-from sslbench.core.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
+from sslbench.core.evaluator import (FEATURE_OPTIONS, Evaluator, FeatureRequest, MetricValue, PerSample,
+                                     feature_request, pick)
 from sslbench.evaluation import knn
+from sslbench.evaluation.knn import correct_in_top
 from sslbench.core.options import Option
 
 
@@ -38,15 +40,26 @@ class KNN(Evaluator):
 
     def evaluate(self, train, test, requests):
         request, = requests
-        scores = knn(train.features[request], train.labels, test.features[request], test.labels,
-                     k=tuple(self.opts["k"]), temperature=self.opts["temperature"],
-                     standardize=self.opts["standardize"])
+        scores, rankings = knn(train.features[request], train.labels, test.features[request], test.labels,
+                               k=tuple(self.opts["k"]), temperature=self.opts["temperature"],
+                               standardize=self.opts["standardize"], return_predictions=True)
         rows = []
         for key, value in scores.items():                  # "top1@k=20"
             metric, _, k = key.partition("@k=")
+            correct = correct_in_top(rankings[int(k)], test.labels, int(metric[len("top"):]))
             rows.append(MetricValue(metric, value, {"k": int(k), "feature": str(request),
-                                                    "std": self.opts["standardize"]}))
+                                                    "std": self.opts["standardize"]},
+                                    per_sample=PerSample("mean", correct.numpy())))
         return rows
+
+    @classmethod
+    def headlines(cls, results):
+        # DINO's and MIM-Refiner's k = 20 where measured (else the largest k), on the deepest block asked for
+        def prefer(fields):
+            return (fields.get("k") == 20, fields.get("k", 0), FeatureRequest.parse(fields["feature"]).block,
+                    not fields.get("std", False))
+        chosen = pick(results, "top1", prefer)
+        return {} if chosen is None else {"k-NN top-1": chosen}
 
 
 @sslbench.hookimpl

@@ -30,7 +30,7 @@ import itertools
 import torch
 
 import sslbench
-from sslbench.core.evaluator import Evaluator, MetricValue
+from sslbench.core.evaluator import Evaluator, MetricValue, PerSample, pick
 from sslbench.evaluation import linear_probe
 from sslbench.evaluation.linear_probe import DINOV2_LRS
 from sslbench.core.evaluator import FeatureRequest
@@ -106,14 +106,25 @@ class LinearProbe(Evaluator):
         split, chosen, norm = result.selection_split, result.chosen, o["norm"]
         config = {"variant": chosen.variant, "batchnorm": chosen.batchnorm, "lr": chosen.lr,
                   "val_top1": round(chosen.val_top1, 4)}
-        rows = [MetricValue("top1", chosen.test_top1, {"head": "best", "stream": norm}, split, config),
+        rows = [MetricValue("top1", chosen.test_top1, {"head": "best", "stream": norm}, split, config,
+                            per_sample=_per_sample(chosen)),
                 MetricValue("val_top1", chosen.val_top1, {"head": "best", "stream": norm}, split, config)]
         for name in variants:
             heads = [h for h in result.heads if h.variant == name]
             best = max(heads, key=lambda h: h.val_top1)          # first of equal values, like the overall choice
             rows.append(MetricValue("top1", best.test_top1, {"head": name, "stream": norm}, split,
-                                    {"batchnorm": best.batchnorm, "lr": best.lr, "val_top1": round(best.val_top1, 4)}))
+                                    {"batchnorm": best.batchnorm, "lr": best.lr, "val_top1": round(best.val_top1, 4)},
+                                    per_sample=_per_sample(best)))
         return rows
+
+    @classmethod
+    def headlines(cls, results):
+        chosen = pick(results, "top1", head="best")
+        return {} if chosen is None else {"linear top-1": chosen}
+
+
+def _per_sample(head) -> PerSample | None:
+    return None if head.test_correct is None else PerSample("mean", head.test_correct.numpy())
 
 
 @sslbench.hookimpl

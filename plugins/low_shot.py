@@ -16,8 +16,10 @@ Rows per setting (``1shot``, ``2shot``, ``5shot``, ``1pct``): ``top1`` (mean ove
 
 from __future__ import annotations
 
+import re
+
 import sslbench
-from sslbench.core.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, feature_request
+from sslbench.core.evaluator import FEATURE_OPTIONS, Evaluator, MetricValue, PerSample, feature_request, pick
 from sslbench.evaluation import low_shot
 from sslbench.core.options import Option
 
@@ -42,15 +44,30 @@ class LowShot(Evaluator):
 
     def evaluate(self, train, test, requests):
         o, (request,) = self.opts, requests
-        scores = low_shot(train.features[request], train.labels, test.features[request], test.labels,
-                          shots=o["shots"], fractions=o["fractions"], splits=o["splits"], seed=o["seed"],
-                          lam=o["lam"], max_iter=o["max_iter"])
+        scores, per_sample = low_shot(train.features[request], train.labels, test.features[request], test.labels,
+                                      shots=o["shots"], fractions=o["fractions"], splits=o["splits"],
+                                      seed=o["seed"], lam=o["lam"], max_iter=o["max_iter"], return_per_sample=True)
         rows = []
         for key, value in scores.items():
             setting, metric = key.split("_", 1)           # "1shot_top1_std" → ("1shot", "top1_std")
+            record = PerSample("mean", per_sample[setting].numpy()) if metric == "top1" else None
             rows.append(MetricValue(metric, value, {"setting": setting, "feature": str(request)},
-                                    extra={"splits": o["splits"]}))
+                                    extra={"splits": o["splits"]}, per_sample=record))
         return rows
+
+    @classmethod
+    def headlines(cls, results):
+        # The smallest label fraction and the most shots asked for: MIM-Refiner's 1% and 5-shot columns by default
+        settings = {f["setting"] for m, f, _ in results if m == "top1" and "setting" in f}
+        shots = {int(s[:-len("shot")]): s for s in settings if re.fullmatch(r"\d+shot", s)}
+        fractions = {float(s[:-len("pct")]): s for s in settings if re.fullmatch(r"[\d.]+pct", s)}
+        chosen = {}
+        if fractions:
+            smallest = min(fractions)
+            chosen[f"{smallest:g}% labels"] = pick(results, "top1", setting=fractions[smallest])
+        if shots:
+            chosen[f"{max(shots)}-shot"] = pick(results, "top1", setting=shots[max(shots)])
+        return chosen
 
 
 @sslbench.hookimpl

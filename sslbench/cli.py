@@ -2,10 +2,12 @@
 
     sslbench list                          what plugins registered (and which failed to load)
     sslbench check RECIPE                  validate, print the resolved recipe, parameter counts and the plan
-    sslbench run RECIPE [--resume]         train and evaluate; results in results/runs/<name>/
+    sslbench run RECIPE [--resume]         train and evaluate; results in runs/<name>/ (run.output_dir)
     sslbench run RECIPE --dry-run          build everything, one optimiser step per stage on 2 synthetic images
     sslbench eval RECIPE --checkpoint PATH evaluate an existing checkpoint with the recipe's [[eval]], no training
-    sslbench leaderboard [DIR] -o FILE     aggregate every run's metrics.csv into CSV + Markdown (--plots: PNGs)
+    sslbench leaderboard [DIR] [--plots]   the leaderboard of every run in DIR (default runs/), written into DIR
+    sslbench report [DIR]                  the leaderboard as one self-contained HTML page, DIR/report.html
+    sslbench publish RUN_DIR... [--to DIR] copy finished runs without their checkpoints into results/
 
 Errors caused by input (a bad recipe key, a missing file) print one line and exit with code 2; ``--debug`` shows
 the traceback.
@@ -58,12 +60,21 @@ def _parser() -> argparse.ArgumentParser:
                         "only for a file from a trusted source); the recipe's checkpoint_trusted never applies here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("leaderboard", help="aggregate all runs into a leaderboard (CSV and Markdown)")
-    p.add_argument("dir", nargs="?", default="results/runs")
-    p.add_argument("-o", "--output", default="results/leaderboard.csv")
-    p.add_argument("--plots", action="store_true",
-                   help="also write PNGs to plots/ beside the leaderboard: per-block k-NN curves per run and "
-                        "main metrics per objective")
+    for command, what in (("leaderboard", "the leaderboard (Markdown and CSV) of every run in DIR, written into DIR"),
+                          ("report", "the leaderboard as one self-contained HTML page, DIR/report.html")):
+        p = sub.add_parser(command, help=what)
+        p.add_argument("dir", nargs="?", default="runs", help="folder holding the run folders (default: runs)")
+        p.add_argument("--baseline", help="the row (name as in the leaderboard, or run folder) every row of its "
+                                          "protocol is tested against (default: the most common base checkpoint)")
+        if command == "leaderboard":
+            p.add_argument("--plots", action="store_true",
+                           help="also write per protocol the headline dot chart and the overlaid per-block curves "
+                                "to DIR/plots/")
+
+    p = sub.add_parser("publish", help="copy finished runs, without checkpoints, into the committed results folder")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--to", default="results", help="destination folder (default: results)")
+    p.add_argument("--force", action="store_true", help="replace a published run of the same name")
     return parser
 
 
@@ -100,18 +111,15 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_checkpoint(args.recipe, args.checkpoint, fmt=args.format, name=args.name,
                                 progress=not args.no_progress, trust_checkpoint=args.trust_checkpoint)
             return 0
-        if args.command == "leaderboard":
-            from sslbench.results.metrics import collect_runs, build_leaderboard, write_leaderboard
+        if args.command in ("leaderboard", "report"):
+            from sslbench.commands.leaderboard import leaderboard_command
 
-            rows = collect_runs(args.dir)
-            board = build_leaderboard(rows)
-            write_leaderboard(board, args.output)
-            print(f"{len(board)} rows → {args.output} and {os.path.splitext(args.output)[0]}.md")
-            if args.plots:
-                from sslbench.results.plots import write_leaderboard_plots
+            return leaderboard_command(args.dir, baseline=args.baseline, plots=getattr(args, "plots", False),
+                                       report=args.command == "report")
+        if args.command == "publish":
+            from sslbench.commands.publish import publish_runs
 
-                plots = write_leaderboard_plots(rows, board, os.path.join(os.path.dirname(args.output), "plots"))
-                print(f"{len(plots)} plots → {os.path.join(os.path.dirname(args.output) or '.', 'plots')}/")
+            publish_runs(args.run_dirs, args.to, force=args.force)
             return 0
     except UserError as exc:
         if args.debug:

@@ -1,14 +1,12 @@
-"""Plots from recorded rows: a run's per-block table and curve; `sslbench leaderboard --plots`."""
+"""Plots from recorded rows: a run's per-block table and curve (the leaderboard's figures: test_leaderboard.py)."""
 
 from __future__ import annotations
 
 import json
 
 import pandas as pd
-import pytest
 
-from sslbench.cli import main
-from sslbench.results.plots import main_metric_columns, per_block_table, write_run_per_block
+from sslbench.results.plots import per_block_table, write_run_per_block
 from sslbench.results.metrics import write_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -56,50 +54,6 @@ def test_run_without_per_block_rows_writes_nothing(tmp_path):
     write_metrics(tmp_path, [row("a", "knn", "top1", "k=20,b2.cls.normed", 70.0)])
     assert write_run_per_block(tmp_path) == [] and not (tmp_path / "per_block.png").exists()
     assert write_run_per_block(tmp_path / "missing") == []
-
-
-def test_leaderboard_plots(tmp_path, capsys):
-    runs = tmp_path / "runs"
-    write_metrics(runs / "with_blocks", per_block_rows("with_blocks") + [
-        row("with_blocks", "knn", "top1", "k=20,b2.cls.normed", 70.0),
-        row("with_blocks", "linear_probe", "top1", "best,normed", 75.0),
-        row("with_blocks", "linear_probe", "top1", "last1,normed", 72.0)])
-    write_metrics(runs / "knn_only", [row("knn_only", "knn", "top1", "k=20,b2.cls.normed", 60.0, objective="mim")])
-    write_metrics(runs / "other_protocol", [row("x", "clustering", "acc", "test,b2.cls.normed", 40.0,
-                                                protocol_hash="q" * 16)])
-    out = tmp_path / "board" / "leaderboard.csv"
-    assert main(["leaderboard", str(runs), "-o", str(out), "--plots"]) == 0
-    plots = tmp_path / "board" / "plots"
-    assert sorted(p.name for p in plots.iterdir()) == ["metrics_pppppppppppp.png", "metrics_qqqqqqqqqqqq.png",
-                                                        "per_block_with_blocks.png"]
-    assert all(is_png(p) for p in plots.iterdir())
-    assert "3 plots" in capsys.readouterr().out
-
-
-def test_leaderboard_without_plots_option_or_rows(tmp_path):
-    runs = tmp_path / "runs"
-    write_metrics(runs / "a", [row("a", "knn", "top1", "k=20", 60.0)])
-    assert main(["leaderboard", str(runs), "-o", str(tmp_path / "lb.csv")]) == 0
-    assert not (tmp_path / "plots").exists()
-    (runs / "empty").mkdir()
-    assert main(["leaderboard", str(runs / "empty"), "-o", str(tmp_path / "e.csv"), "--plots"]) == 0
-    assert not (tmp_path / "plots").exists() or not any((tmp_path / "plots").iterdir())
-
-
-def test_main_metric_columns():
-    board = pd.DataFrame(columns=["objective", "knn/top1[k=20,b11.cls.normed]", "knn/top5[k=20,b11.cls.normed]",
-                                  "linear_probe/top1[best,normed]", "linear_probe/top1[last1,normed]",
-                                  "linear_probe/val_top1[best,normed]", "clustering/nmi[test,b11.cls.normed]",
-                                  "clustering/nmi[test,b11.cls.normed] std", "per_block/top1[k=20,block=3,raw]"])
-    assert main_metric_columns(board) == ["knn/top1[k=20,b11.cls.normed]", "linear_probe/top1[best,normed]",
-                                          "clustering/nmi[test,b11.cls.normed]"]
-
-
-def test_value_axis_limits_show_small_differences():
-    from sslbench.results.plots import value_axis_limits
-
-    assert value_axis_limits([80.7, 80.96, 81.0]) == pytest.approx((79.7, 82.0))
-    assert value_axis_limits([20.0, 80.0]) == pytest.approx((0.0, 110.0))  # never below 0
 
 
 def test_per_block_table_reads_the_fields_not_the_text():

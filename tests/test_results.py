@@ -1,4 +1,4 @@
-"""Metric rows, metrics.csv idempotency, run collection and the leaderboard on synthetic run folders."""
+"""Metric rows, metrics.csv idempotency, run collection and the grouping of rows into leaderboard entries."""
 
 from __future__ import annotations
 
@@ -12,19 +12,9 @@ import pandas as pd
 import pytest
 
 from sslbench.core.errors import UserError
-from sslbench.results.metrics import (
-    COLUMNS,
-    MetricRow,
-    build_leaderboard,
-    collect_runs,
-    hardware_description,
-    leaderboard_markdown,
-    read_metrics,
-    refresh_leaderboard,
-    versions,
-    write_leaderboard,
-    write_metrics,
-)
+from sslbench.results.aggregate import build_entries, fields_from_variant, long_form
+from sslbench.results.metrics import COLUMNS, MetricRow, collect_runs, hardware_description, read_metrics, versions, \
+    write_metrics
 
 BASE = dict(recipe_hash="rh", protocol_hash="proto-A", objective="mae+mim_refiner", backbone="vit_tiny",
             dataset="fmnist", checkpoint="scratch", stage="refine", evaluator="knn", metric="top1")
@@ -104,6 +94,96 @@ def test_concurrent_write_metrics_lose_no_rows(tmp_path: Path) -> None:
     assert len(read_metrics(tmp_path / "metrics.csv")) == 30  # read-modify-write under the lock: nothing lost
 
 
+def test_collect_runs_reads_every_run_recursively(tmp_path: Path) -> None:
+    _synthetic_runs(tmp_path)
+    df = collect_runs(tmp_path)
+    assert sorted(set(df["run_id"])) == ["mae-seed0", "ref-other-protocol", "ref-seed0", "ref-seed1",
+                                         "ref-seed1-old", "ref-seed2"]
+    assert len(df) == 9 and df["value"].dtype == float and "run_dir" in df
+    with pytest.raises(UserError, match="no such results folder"):
+        collect_runs(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert build_entries(collect_runs(empty)) == []
+
+
+def _by(entries, objective, protocol="proto-A"):
+    return next(e for e in entries if e.key["objective"] == objective and e.protocol == protocol)
+
+
+def test_entries_aggregate_seeds_and_separate_protocols(tmp_path: Path) -> None:
+    _synthetic_runs(tmp_path)
+    entries = build_entries(collect_runs(tmp_path))
+    assert len(entries) == 3
+    ref = _by(entries, "mae+mim_refiner")
+    k20 = ref.results[("knn", "top1", "k=20")]
+    # Seed 1's old run (10.0) is replaced by its later run (82.0): mean over seeds of each seed's latest value.
+    assert k20.values == {0: 80.0, 1: 82.0, 2: 84.0} and k20.mean == pytest.approx(82.0)
+    # Three seeds: the Student-t interval over them, t(0.975, 2) · s / √3.
+    half = 4.302652729911275 * statistics.stdev([80.0, 82.0, 84.0]) / 3 ** 0.5
+    assert (k20.interval.low, k20.interval.high) == pytest.approx((82.0 - half, 82.0 + half))
+    assert ref.seeds == 3 and ref.runs == {0: "ref-seed0", 1: "ref-seed1", 2: "ref-seed2"}
+
+    other = _by(entries, "mae+mim_refiner", "proto-B")  # never merged with proto-A
+    assert other.results[("knn", "top1", "k=20")].values == {0: 99.0} and other.seeds == 1
+    assert other.results[("knn", "top1", "k=20")].interval is None       # one seed and no per-sample record
+    mae = _by(entries, "mae")
+    assert set(mae.results) == {("knn", "top1", "k=20"), ("knn", "top1", "k=100")}
+    assert all(e.name != "ghost" for e in entries)
+
+
+def test_stage_is_part_of_the_key(tmp_path: Path) -> None:
+    write_metrics(tmp_path / "r", [row("r", 0, "k=20", 30.0, stage="pretrain"), row("r", 0, "k=20", 60.0)])
+    entries = build_entries(collect_runs(tmp_path))
+    assert sorted((e.key["stage"], e.results[("knn", "top1", "k=20")].mean) for e in entries) == [
+        ("pretrain", 30.0), ("refine", 60.0)]
+
+
+def test_ema_rows_share_columns_with_encoder_rows(tmp_path: Path) -> None:
+    """The EMA's rows are told apart by their checkpoint label, so they land in the same result columns."""
+    write_metrics(tmp_path / "a", [row("a", 0, "k=20", 70.0)])
+    write_metrics(tmp_path / "b", [row("b", 0, "k=20,ema", 75.0, checkpoint="scratch (ema)"),
+                                   row("b", 0, "k=20,std,ema", 76.0, checkpoint="scratch (ema)")])
+    write_metrics(tmp_path / "c", [row("c", 0, "k=20,ema", 1.0, checkpoint="scratch", objective="x")])
+    entries = {(e.key["objective"], e.key["checkpoint"]): e for e in build_entries(collect_runs(tmp_path))}
+    assert entries[("mae+mim_refiner", "scratch")].results[("knn", "top1", "k=20")].mean == 70.0
+    ema = entries[("mae+mim_refiner", "scratch (ema)")]
+    assert ema.results[("knn", "top1", "k=20")].mean == 75.0 and ema.results[("knn", "top1", "k=20,std")].mean == 76
+    assert ema.ema and ema.name == "b (ema)" and ema.results[("knn", "top1", "k=20")].fields == {"k": 20}
+    # Without the "(ema)" checkpoint label the marker stays: nothing else would tell the rows apart.
+    assert entries[("x", "scratch")].results[("knn", "top1", "k=20,ema")].mean == 1.0
+
+
+def test_entries_read_the_variant_fields_and_parse_old_rows(tmp_path: Path) -> None:
+    """Rows that carry their fields are grouped by them, not by the text: here the text is deliberately wrong."""
+    ema = {"k": 20, "feature": "b1.cls.normed", "ema": True}
+    write_metrics(tmp_path / "a", [row("a", 0, "ignored", 70.0, fields={"k": 20, "feature": "b1.cls.normed"})])
+    write_metrics(tmp_path / "b", [row("b", 0, "also ignored", 75.0, checkpoint="scratch (ema)", fields=ema)])
+    entries = {e.key["checkpoint"]: e for e in build_entries(collect_runs(tmp_path))}
+    assert entries["scratch"].results[("knn", "top1", "k=20,b1.cls.normed")].mean == 70.0
+    assert entries["scratch (ema)"].results[("knn", "top1", "k=20,b1.cls.normed")].mean == 75.0
+    frame = pd.read_csv(tmp_path / "b" / "metrics.csv")
+    assert json.loads(frame["fields"][0]) == ema                   # stored as JSON, in the fields' order
+    # rows from before the fields were kept: parsed from the text
+    assert fields_from_variant("k=20,block=3,raw,std") == {"k": 20, "block": 3, "stream": "raw", "std": True}
+    assert fields_from_variant("1pct,b11.cls.normed") == {"setting": "1pct", "feature": "b11.cls.normed"}
+    assert fields_from_variant("best,normed") == {"head": "best", "stream": "normed"}
+    assert fields_from_variant("test,b-1.mean.raw,ema") == {"split": "test", "feature": "b-1.mean.raw", "ema": True}
+
+
+def test_long_form_has_one_row_per_entry_and_result(tmp_path: Path) -> None:
+    _synthetic_runs(tmp_path)
+    frame = long_form(build_entries(collect_runs(tmp_path)))
+    assert len(frame) == 5                    # ref: k=20, k=10; other protocol: k=20; mae: k=20, k=100
+    ref = frame[(frame["objective"] == "mae+mim_refiner") & (frame["protocol_hash"] == "proto-A")]
+    k10 = ref[ref["variant"] == "k=10"].iloc[0]
+    assert k10["seeds"] == 2 and k10["value"] == pytest.approx(80.0) and k10["runs"] == "ref-seed0;ref-seed1"
+    assert json.loads(k10["seed_values"]) == [[0, 79.0], [1, 81.0]] and k10["interval"].startswith("t over 2")
+    for column in ("dataset", "backbone", "entry", "start", "evaluator", "metric", "hardware", "versions",
+                   "recipe_hash", "low", "high", "half_width"):
+        assert column in frame
+
+
 def _synthetic_runs(root: Path) -> None:
     """Three seeds of one model (seed 1 run twice: the later run must win), a different protocol, a baseline."""
     write_metrics(root / "runs" / "ref-seed0", [row("ref-seed0", 0, "k=20", 80.0), row("ref-seed0", 0, "k=10", 79.0)])
@@ -117,137 +197,3 @@ def _synthetic_runs(root: Path) -> None:
                                                 row("mae-seed0", 0, "k=100", 42.0, objective="mae")])
     # A half-built atomic directory is not a run.
     write_metrics(root / "runs" / ".tmp-ghost-123", [row("ghost", 0, "k=20", -1.0)])
-
-
-def test_collect_runs_reads_every_run_recursively(tmp_path: Path) -> None:
-    _synthetic_runs(tmp_path)
-    df = collect_runs(tmp_path)
-    assert sorted(set(df["run_id"])) == ["mae-seed0", "ref-other-protocol", "ref-seed0", "ref-seed1",
-                                         "ref-seed1-old", "ref-seed2"]
-    assert len(df) == 9 and df["value"].dtype == float and "run_dir" in df
-    with pytest.raises(UserError, match="no such results folder"):
-        collect_runs(tmp_path / "missing")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert build_leaderboard(collect_runs(empty)).empty
-
-
-def test_leaderboard_aggregates_seeds_and_separates_protocols(tmp_path: Path) -> None:
-    _synthetic_runs(tmp_path)
-    board = build_leaderboard(collect_runs(tmp_path))
-    assert len(board) == 3
-    keyed = board.set_index(["objective", "protocol_hash"])
-
-    ref = keyed.loc[("mae+mim_refiner", "proto-A")]
-    # Seed 1's old run (10.0) is replaced by its later run (82.0): mean over seeds of each seed's latest value.
-    assert ref["knn/top1[k=20]"] == pytest.approx(statistics.mean([80.0, 82.0, 84.0]))
-    assert ref["knn/top1[k=20] std"] == pytest.approx(statistics.stdev([80.0, 82.0, 84.0]))
-    assert ref["knn/top1[k=10]"] == pytest.approx(80.0)
-    assert ref["knn/top1[k=10] std"] == pytest.approx(statistics.stdev([79.0, 81.0]))
-    assert ref["seeds"] == 3 and ref["latest_run"] in {"ref-seed1", "ref-seed2", "ref-seed0"}
-
-    other = keyed.loc[("mae+mim_refiner", "proto-B")]  # never merged with proto-A
-    assert other["knn/top1[k=20]"] == 99.0 and other["seeds"] == 1 and pd.isna(other["knn/top1[k=20] std"])
-    mae = keyed.loc[("mae", "proto-A")]
-    assert mae["knn/top1[k=100]"] == 42.0 and pd.isna(mae["knn/top1[k=10]"])
-
-    metric_columns = [c for c in board.columns if c.startswith("knn/") and not c.endswith(" std")]
-    assert metric_columns == ["knn/top1[k=10]", "knn/top1[k=20]", "knn/top1[k=100]"]  # natural order
-    assert ("ghost" not in set(board["latest_run"])) and (board.drop(columns=["latest_run"]) != -1.0).all().all()
-
-
-def test_stage_is_part_of_the_key(tmp_path: Path) -> None:
-    write_metrics(tmp_path / "r", [row("r", 0, "k=20", 30.0, stage="pretrain"), row("r", 0, "k=20", 60.0)])
-    board = build_leaderboard(collect_runs(tmp_path))
-    assert sorted(zip(board["stage"], board["knn/top1[k=20]"])) == [("pretrain", 30.0), ("refine", 60.0)]
-
-
-def test_ema_rows_share_columns_with_encoder_rows(tmp_path: Path) -> None:
-    """The EMA's rows are told apart by their checkpoint label, so they land in the same metric columns."""
-    write_metrics(tmp_path / "a", [row("a", 0, "k=20", 70.0)])
-    write_metrics(tmp_path / "b", [row("b", 0, "k=20,ema", 75.0, checkpoint="scratch (ema)"),
-                                   row("b", 0, "k=20,std,ema", 76.0, checkpoint="scratch (ema)")])
-    write_metrics(tmp_path / "c", [row("c", 0, "k=20,ema", 1.0, checkpoint="scratch", objective="x")])
-    board = build_leaderboard(collect_runs(tmp_path)).set_index(["objective", "checkpoint"])
-    assert board.loc[("mae+mim_refiner", "scratch"), "knn/top1[k=20]"] == 70.0
-    assert board.loc[("mae+mim_refiner", "scratch (ema)"), "knn/top1[k=20]"] == 75.0
-    assert board.loc[("mae+mim_refiner", "scratch (ema)"), "knn/top1[k=20,std]"] == 76.0
-    # Without the "(ema)" checkpoint label the marker stays: nothing else would tell the rows apart.
-    assert board.loc[("x", "scratch"), "knn/top1[k=20,ema]"] == 1.0
-
-
-def test_leaderboard_columns_come_from_the_variant_fields(tmp_path: Path) -> None:
-    """Rows that carry their fields are grouped by them, not by the text: here the text is deliberately wrong."""
-    ema = {"k": 20, "feature": "b1.cls.normed", "ema": True}
-    write_metrics(tmp_path / "a", [row("a", 0, "ignored", 70.0, fields={"k": 20, "feature": "b1.cls.normed"})])
-    write_metrics(tmp_path / "b", [row("b", 0, "also ignored", 75.0, checkpoint="scratch (ema)", fields=ema)])
-    board = build_leaderboard(collect_runs(tmp_path)).set_index("checkpoint")
-    assert board.loc["scratch", "knn/top1[k=20,b1.cls.normed]"] == 70.0
-    assert board.loc["scratch (ema)", "knn/top1[k=20,b1.cls.normed]"] == 75.0
-    frame = pd.read_csv(tmp_path / "b" / "metrics.csv")
-    assert json.loads(frame["fields"][0]) == ema                   # stored as JSON, in the fields' order
-
-
-def test_write_leaderboard_csv_and_markdown(tmp_path: Path) -> None:
-    _synthetic_runs(tmp_path)
-    board = build_leaderboard(collect_runs(tmp_path))
-    out_csv, out_md = write_leaderboard(board, tmp_path / "leaderboard.csv")
-    assert out_md == tmp_path / "leaderboard.md"
-    back = pd.read_csv(out_csv)
-    assert list(back.columns) == list(board.columns) and len(back) == 3
-    assert back["knn/top1[k=20]"].tolist() == pytest.approx(board["knn/top1[k=20]"].tolist())
-
-    md = out_md.read_text()
-    table = [line for line in md.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert "knn/top1[k=20]" in header and not any(c.endswith(" std") for c in header)
-    assert len(table) == 2 + 3 and all(line.count("|") == table[0].count("|") for line in table)
-    assert "| ---: |" in table[1]  # numeric columns right-aligned
-    ref_line = next(line for line in table if "proto-A" in line and "mae+mim_refiner" in line)
-    cells = dict(zip(header, (c.strip() for c in ref_line.strip("|").split("|"))))
-    assert cells["knn/top1[k=20]"] == "82.00 ± 2"
-    assert cells["knn/top1[k=10]"] == "80.00 ± 1.4"
-    assert cells["seeds"] == "3"
-    mae_line = next(line for line in table if "| mae |" in line)
-    assert dict(zip(header, (c.strip() for c in mae_line.strip("|").split("|"))))["knn/top1[k=10]"] == ""
-
-    # Rewriting is idempotent: same content (no timestamp in the leaderboard itself).
-    write_leaderboard(build_leaderboard(collect_runs(tmp_path)), tmp_path / "leaderboard.csv")
-    assert out_md.read_text() == md
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
-        "leaderboard.csv", "leaderboard.csv.lock", "leaderboard.md"]
-
-
-def test_markdown_escapes_pipes_and_shortens_protocol_hash() -> None:
-    board = pd.DataFrame({"objective": ["a|b"], "protocol_hash": ["0123456789abcdef0123"], "x/top1": [0.81234]})
-    md = leaderboard_markdown(board)
-    assert "a\\|b" in md and "0123456789ab " in md and "0123456789abc" not in md and "0.8123" in md
-
-
-def test_refresh_leaderboard_collects_the_runs_under_the_lock(tmp_path: Path, monkeypatch) -> None:
-    """Collecting outside the lock let an older writer replace a newer board; the rows are read while the lock is
-    held, so no other writer can be between its read and its write."""
-    import fcntl
-    import os
-
-    import sslbench.results.metrics as results
-
-    _synthetic_runs(tmp_path / "runs")
-    out = tmp_path / "leaderboard.csv"
-    held = []
-
-    def collecting(root):
-        fd = os.open(out.with_name(out.name + ".lock"), os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held.append(False)
-        except BlockingIOError:
-            held.append(True)
-        finally:
-            os.close(fd)
-        return collect_runs(root)
-
-    monkeypatch.setattr(results, "collect_runs", collecting)
-    refresh_leaderboard(tmp_path / "runs", out)
-    assert held == [True]
-    assert len(pd.read_csv(out)) == len(build_leaderboard(collect_runs(tmp_path / "runs")))

@@ -70,3 +70,64 @@ def test_paired_bootstrap_known_answers():
     assert test.difference == pytest.approx(0.2) and test.low > 0 and test.p_value == 0.0 and test.significant
     with pytest.raises(ValueError):
         paired_bootstrap(better, worse[:10])
+
+
+def test_bootstrap_of_two_samples_has_a_hand_computed_interval():
+    # Resampling [0, 1] twice gives the means 0, ½, 1 with probabilities ¼, ½, ¼: the 2.5% and 97.5% quantiles of
+    # any large number of resamples are 0 and 1 (each end holds ~25% of them, far more than 2.5%).
+    interval = bootstrap_interval([0.0, 1.0], resamples=2000, seed=7)
+    assert (interval.estimate, interval.low, interval.high) == (0.5, 0.0, 1.0)
+
+
+def test_resampling_in_chunks_draws_the_same_resamples():
+    from sslbench.results.statistics import _resampled_means
+
+    x = np.random.default_rng(0).random(1000)
+    assert np.array_equal(_resampled_means(x, 300, seed=5), _resampled_means(x, 300, seed=5, chunk_elements=10_000))
+
+
+def test_nmi_matches_scikit_learn_and_takes_bootstrap_weights():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from sslbench.results.statistics import jackknife_interval, nmi
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 300)
+    clusters = np.where(rng.random(300) < 0.7, labels, rng.integers(0, 5, 300))
+    assert nmi(labels, clusters) == pytest.approx(normalized_mutual_info_score(labels, clusters), abs=1e-12)
+    assert nmi(labels, labels + 10) == pytest.approx(1.0)                  # a relabelling is a perfect match
+    # weights are multiplicities: weight 2 on a sample is the sample listed twice
+    weights = rng.integers(0, 3, 300)
+    repeated = np.repeat(np.arange(300), weights)
+    assert nmi(labels, clusters, weights) == pytest.approx(
+        normalized_mutual_info_score(labels[repeated], clusters[repeated]), abs=1e-12)
+    # the jackknife computed once per distinct (label, cluster) equals the textbook delete-one loop over all samples
+    interval = jackknife_interval(lambda w: nmi(labels, clusters, w), np.stack([labels, clusters], 1))
+    loo = np.array([nmi(np.delete(labels, i), np.delete(clusters, i)) for i in range(300)])
+    se = math.sqrt(299 / 300 * ((loo - loo.mean()) ** 2).sum())
+    assert interval.estimate == pytest.approx(nmi(labels, clusters))
+    assert interval.half_width == pytest.approx(1.959963984540054 * se, rel=1e-9)
+
+
+def test_paired_tests_of_fractions_statistics_and_seeds():
+    from sslbench.results.statistics import nmi, paired_jackknife, welch_test
+
+    # fractions: a gets 2 of 3 splits right where b gets 1 of 3, everywhere → a difference of exactly 1/3
+    test = paired_bootstrap(np.full(40, 2 / 3), np.full(40, 1 / 3))
+    assert test.difference == pytest.approx(1 / 3) and test.low == pytest.approx(1 / 3) and test.significant
+    # a statistic compared with itself: no difference at all
+    labels = np.arange(60) % 3
+    same = paired_jackknife(lambda w: nmi(labels, labels, w), lambda w: nmi(labels, labels, w), labels)
+    assert (same.difference, same.p_value) == (0.0, 1.0)
+    # a clustering equal to the labels against one that ignores them: NMI 1 vs 0, clearly different
+    blind = np.zeros(60, dtype=int)
+    versus = paired_jackknife(lambda w: nmi(labels, labels, w), lambda w: nmi(labels, blind, w),
+                              np.stack([labels, blind], 1))
+    assert versus.difference == pytest.approx(1.0) and versus.significant
+    # Welch: scipy's ttest_ind(equal_var=False)
+    a, b = [80.1, 80.9, 81.4], [78.0, 78.6, 79.9, 78.2]
+    welch = welch_test(a, b)
+    assert welch.p_value == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
+    assert welch.low < welch.difference < welch.high and welch.significant
+    with pytest.raises(ValueError):
+        welch_test([1.0], [2.0, 3.0])

@@ -150,5 +150,5 @@ def evaluate_checkpoint(recipe_path: str, checkpoint: str, fmt: str | None = Non
     rows = metric_rows(recipe, results, run_id=name, objective=objective_label(path, fmt), stage=EVAL_STAGE,
                        checkpoint=label)
     print(f"{name}: {path} ({fmt}) on {dataset_label(recipe)}")
-    publish_rows(run_dir, rows, Path(recipe.run.output_dir))
+    publish_rows(run_dir, rows, Path(recipe.run.output_dir), results, datasets["test"].labels)
     return run_dir

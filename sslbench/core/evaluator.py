@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -132,6 +132,30 @@ def format_variant(fields: Mapping[str, Any]) -> str:
     return ",".join(parts)
 
 
+@dataclass(frozen=True)
+class PerSample:
+    """How one result decomposes over the test samples, so a leaderboard can draw intervals and paired tests
+    (``sslbench.results.statistics``) by resampling them.
+
+    - ``kind="mean"``: ``values`` holds one score in [0, 1] per test sample and the result is ``100 · mean(values)``
+      — 0/1 correctness for an accuracy, the fraction of splits that got a sample right for a low-shot mean.
+    - ``kind="partition"``: ``values`` holds the cluster id of every test sample and the result (NMI) is recomputed
+      from them and the test labels.
+    """
+
+    kind: str
+    values: Any
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("mean", "partition"):
+            raise ValueError(f"PerSample.kind must be 'mean' or 'partition', got {self.kind!r}")
+
+    @classmethod
+    def correct(cls, predictions: torch.Tensor, labels: torch.Tensor) -> "PerSample":
+        """0/1 correctness of ``predictions`` against ``labels``."""
+        return cls("mean", (predictions == labels).cpu().numpy())
+
+
 @dataclass
 class MetricValue:
     """One result: ``metric`` (e.g. ``top1``), ``value``, and the variant ``fields`` that tell it apart from the
@@ -139,6 +163,8 @@ class MetricValue:
     "stream": "raw"}`` per block, ``{"setting": "1shot", ...}`` low-shot.
 
     ``selection_split`` names the data that chose any hyperparameter (``"none"`` when nothing was selected).
+    ``per_sample`` (optional, a :class:`PerSample` on the test set) lets the leaderboard give the number an
+    interval and test differences between runs; the evaluators that have one per test sample attach it.
     """
 
     metric: str
@@ -146,6 +172,7 @@ class MetricValue:
     fields: dict[str, Any] = field(default_factory=dict)
     selection_split: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
+    per_sample: PerSample | None = field(default=None, repr=False, compare=False)
 
     @property
     def variant(self) -> str:
@@ -175,3 +202,27 @@ class Evaluator:
         """Score the features. ``requests`` is what :meth:`requests` returned for this backbone, so a wrapper keeps
         no state between the two calls."""
         raise NotImplementedError
+
+    #: Headline columns that show a variant field of the chosen result instead of its value (``{"best block":
+    #: "block"}``).
+    headline_fields: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def headlines(cls, results: Sequence[tuple[str, Mapping[str, Any], float]]) -> dict[str, int]:
+        """Which of this evaluator's results a leaderboard shows up front, by column title: ``{"k-NN top-1": i}``
+        picks ``results[i]``, a ``(metric, fields, value)`` of one leaderboard row (``value`` is the mean over
+        seeds). Chosen from what the evaluator produced, so a protocol's headline follows its recipe, not a list
+        of known datasets. The default shows none; every result is still in the detail tables."""
+        return {}
+
+
+def pick(results: Sequence[tuple[str, Mapping[str, Any], float]], metric: str, prefer=None, **fields: Any) -> int | None:
+    """Index of the first result with ``metric`` whose fields include ``fields`` and that ranks highest by
+    ``prefer(fields)`` (ties: first); ``None`` when there is none. The helper behind :meth:`Evaluator.headlines`."""
+    candidates = [i for i, (m, f, _) in enumerate(results)
+                  if m == metric and all(f.get(k) == v for k, v in fields.items())]
+    if not candidates:
+        return None
+    if prefer is None:
+        return candidates[0]
+    return max(candidates, key=lambda i: prefer(results[i][1]))     # max() keeps the first of equal keys

@@ -142,8 +142,9 @@ def _kmeans(x: torch.Tensor, n_clusters: int, n_init: int, seed: int, max_iter: 
     return assignment[:, best].clone(), centres[best].clone(), float(inertia[best])
 
 
-def hungarian_accuracy(assignment: np.ndarray, labels: np.ndarray) -> float:
-    """Cluster accuracy in percent: the best one-to-one matching of clusters to classes (Hungarian algorithm)."""
+def hungarian_matched(assignment: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each row's class under the best one-to-one matching of clusters to classes (Hungarian algorithm); rows of a
+    cluster left unmatched (more clusters than classes) get -1, which no label equals."""
     from scipy.optimize import linear_sum_assignment  # imported here: keeps `import sslbench` light
 
     clusters, cluster_ids = np.unique(assignment, return_inverse=True)
@@ -151,7 +152,14 @@ def hungarian_accuracy(assignment: np.ndarray, labels: np.ndarray) -> float:
     contingency = np.zeros((clusters.size, classes.size), dtype=np.int64)
     np.add.at(contingency, (cluster_ids, class_ids), 1)
     rows, cols = linear_sum_assignment(contingency, maximize=True)
-    return float(100.0 * contingency[rows, cols].sum() / labels.size)
+    class_of_cluster = np.full(clusters.size, -1, dtype=np.int64)
+    class_of_cluster[rows] = classes[cols]
+    return class_of_cluster[cluster_ids]
+
+
+def hungarian_accuracy(assignment: np.ndarray, labels: np.ndarray) -> float:
+    """Cluster accuracy in percent: the best one-to-one matching of clusters to classes (Hungarian algorithm)."""
+    return float(100.0 * np.mean(hungarian_matched(assignment, labels) == np.asarray(labels)))
 
 
 def clustering(

@@ -120,6 +120,11 @@ def threads_for(work: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def correct_in_top(ranking: torch.Tensor, labels: torch.Tensor, top: int) -> torch.Tensor:
+    """Per test sample, whether its label is among the first ``top`` classes of its ``ranking`` (n, ≥ top)."""
+    return (ranking[:, :top] == as_labels(labels, "labels")[:, None]).any(dim=1)
+
+
 def percent(correct: torch.Tensor) -> float:
     """Percentage of true entries of a boolean tensor."""
     return 100.0 * float(correct.double().mean())
@@ -234,7 +239,7 @@ def knn(
     for kk in ks:
         ranking = torch.cat(rankings[kk])
         predictions[kk] = ranking
-        metrics[f"top1@k={kk}"] = percent(ranking[:, 0] == test_y)
+        metrics[f"top1@k={kk}"] = percent(correct_in_top(ranking, test_y, 1))
         if classes >= 5:
-            metrics[f"top5@k={kk}"] = percent((ranking[:, :5] == test_y[:, None]).any(dim=1))
+            metrics[f"top5@k={kk}"] = percent(correct_in_top(ranking, test_y, 5))
     return (metrics, predictions) if return_predictions else metrics

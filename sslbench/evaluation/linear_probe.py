@@ -54,6 +54,8 @@ class HeadScore:
     lr: float
     val_top1: float
     test_top1: float
+    #: per test sample, whether this head classified it correctly (for intervals and paired tests)
+    test_correct: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -134,13 +136,20 @@ def train_linear_heads(
             for w, b in zip(weights, biases)]
 
 
+def head_correct(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 chunk: int = 8192) -> torch.Tensor:
+    """Whether each of the H heads classifies each row of (x, labels) correctly: a bool tensor (H, N)."""
+    parts = []
+    for start in range(0, x.shape[0], chunk):
+        logits = torch.baddbmm(bias[:, None, :], x[start:start + chunk].expand(weight.shape[0], -1, -1), weight)
+        parts.append(logits.argmax(dim=-1) == labels[start:start + chunk])
+    return torch.cat(parts, dim=1) if parts else torch.zeros(weight.shape[0], 0, dtype=torch.bool)
+
+
 def head_accuracies(x: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                     chunk: int = 8192) -> torch.Tensor:
     """Top-1 accuracy (percent) of each of the H heads on (x, labels); returns a float64 tensor (H,)."""
-    correct = torch.zeros(weight.shape[0], dtype=torch.float64)
-    for start in range(0, x.shape[0], chunk):
-        logits = torch.baddbmm(bias[:, None, :], x[start:start + chunk].expand(weight.shape[0], -1, -1), weight)
-        correct += (logits.argmax(dim=-1) == labels[start:start + chunk]).double().sum(dim=1)
+    correct = head_correct(x, labels, weight, bias, chunk).double().sum(dim=1)
     return 100.0 * correct / max(x.shape[0], 1)
 
 
@@ -226,8 +235,10 @@ def linear_probe(
     heads: list[HeadScore] = []
     for (name, bn, (_, val_x, test_x)), (weight, bias) in zip(groups, trained):
         val_acc = head_accuracies(val_x, train_y[val_rows], weight, bias)
-        test_acc = head_accuracies(test_x, test_y, weight, bias)
-        heads += [HeadScore(name, bn, float(lr), float(v), float(t)) for lr, v, t in zip(lrs, val_acc, test_acc)]
+        test_correct = head_correct(test_x, test_y, weight, bias)
+        test_acc = 100.0 * test_correct.double().sum(dim=1) / max(n_test, 1)
+        heads += [HeadScore(name, bn, float(lr), float(v), float(t), c)
+                  for lr, v, t, c in zip(lrs, val_acc, test_acc, test_correct)]
     chosen = max(heads, key=lambda h: h.val_top1)          # max() keeps the first of equal values
     names = list(features)
     metrics = {

@@ -172,11 +172,14 @@ def low_shot(
     lam: float = 0.00025,
     max_iter: int = 1000,
     tolerance_grad: float = 1e-8,
-) -> dict[str, float]:
+    return_per_sample: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Low-shot top-1 accuracy (percent), mean and standard deviation over ``splits`` seeded splits.
 
     Returns ``{"1shot_top1": .., "1shot_top1_std": .., ..., "1pct_top1": .., "1pct_top1_std": ..}``. The standard
-    deviation is the sample standard deviation (ddof = 1; 0 for a single split).
+    deviation is the sample standard deviation (ddof = 1; 0 for a single split). With ``return_per_sample=True``
+    also ``{"1shot": fraction of the splits that classify each test sample correctly (n_test,), ...}``, whose
+    mean × 100 is the setting's ``top1``.
     """
     train_x = as_features(train_features, "train_features")
     test_x = as_features(test_features, "test_features")
@@ -203,9 +206,12 @@ def low_shot(
     logits = test_x.double() @ weights.permute(1, 0, 2).reshape(dims, problems * classes)
     logits = logits.view(-1, problems, classes) - torch.einsum("pd,pdc->pc", means, weights)
     correct = (logits.argmax(dim=-1) == test_y[:, None]).double()                # (n_test, P)
-    accuracies = (100.0 * correct.mean(dim=0)).split([len(ix) for ix in subsets.values()])
+    sizes = [len(ix) for ix in subsets.values()]
+    accuracies = (100.0 * correct.mean(dim=0)).split(sizes)
     metrics: dict[str, float] = {}
     for name, setting in zip(subsets, accuracies):
         metrics[f"{name}_top1"] = float(setting.mean())
         metrics[f"{name}_top1_std"] = float(setting.std()) if setting.numel() > 1 else 0.0
+    if return_per_sample:
+        return metrics, {name: part.mean(dim=1) for name, part in zip(subsets, correct.split(sizes, dim=1))}
     return metrics

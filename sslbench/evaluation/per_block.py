@@ -32,24 +32,26 @@ def per_block(
     train_labels: Any,
     test_features: Mapping[int | str, Any],
     test_labels: Any,
+    return_predictions: bool = False,
     **knn_options: Any,
-) -> dict[str, float]:
+) -> dict[str, float] | tuple[dict[str, float], dict[Any, dict[int, Any]]]:
     """k-NN metrics of every block: ``{"block3/top1@k=20": .., ...}``; ``knn_options`` go to :func:`knn`.
 
-    ``train_features`` and ``test_features`` map the same block ids (ints, or names) to (N, D) features.
+    ``train_features`` and ``test_features`` map the same block ids (ints, or names) to (N, D) features. With
+    ``return_predictions=True`` also ``{block: {k: class ranking (n_test, min(5, C))}}`` (see :func:`knn`).
     """
     if set(train_features) != set(test_features):
         missing = sorted(map(str, set(train_features) ^ set(test_features)))
         raise UserError(f"per_block: train and test features must have the same blocks; unmatched: {missing}")
     if not train_features:
         raise UserError("per_block: no blocks given")
-    if knn_options.get("return_predictions"):
-        raise UserError("per_block: return_predictions is not supported; call knn() on one block instead")
     metrics: dict[str, float] = {}
+    predictions: dict[Any, dict[int, Any]] = {}
     for block in train_features:
-        scores = knn(train_features[block], train_labels, test_features[block], test_labels, **knn_options)
+        scores, predictions[block] = knn(train_features[block], train_labels, test_features[block], test_labels,
+                                         return_predictions=True, **knn_options)
         metrics.update({f"{block_name(block)}/{name}": value for name, value in scores.items()})
-    return metrics
+    return (metrics, predictions) if return_predictions else metrics
 
 
 def curves_from(data: Mapping[str, Any] | Iterable[Mapping[str, Any]], metric: str) -> dict[str, dict[int, float]]:

@@ -1,17 +1,11 @@
-"""Metric rows, each run's ``metrics.csv``, and the leaderboard built from all runs.
+"""Metric rows and each run's ``metrics.csv``.
 
 Every number sslbench reports is one :class:`MetricRow`: what was measured (evaluator, metric, variant, value),
 on what (objective chain, backbone, dataset, checkpoint, stage, seed) and under which protocol (``protocol_hash``:
 evaluation data, preprocessing and evaluator options — see :func:`sslbench.training.recipe.protocol_hash`), plus the
 software versions and hardware that produced it. A run writes its rows to ``<run_dir>/metrics.csv``;
-``sslbench leaderboard`` reads every run's file and pivots them into one table.
-
-Leaderboard aggregation (the choice, documented): rows are grouped by (objective, backbone, dataset, checkpoint,
-stage, protocol_hash) — rows with different protocol hashes are never merged, because their numbers are not
-comparable. Within a group, each seed contributes its **latest** value (a re-run of the same seed replaces the old
-number); the cell is the **mean over seeds**, a ``<column> std`` column holds the sample standard deviation
-(ddof 1; empty with a single seed) and ``seeds`` counts the seeds. ``stage`` is part of the key so that an evaluation
-after an intermediate stage is never averaged with the final one.
+``sslbench leaderboard`` reads every run's file (:func:`collect_runs`) and groups them into entries
+(``sslbench.results.aggregate``).
 """
 
 from __future__ import annotations
@@ -19,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -31,11 +24,10 @@ from typing import Any, Iterable, Mapping
 import pandas as pd
 
 from sslbench.core.errors import UserError
-from sslbench.core.io import atomic_write_csv, atomic_write_text, file_lock
+from sslbench.core.io import atomic_write_csv, file_lock
 
 __all__ = ["MetricRow", "COLUMNS", "ROW_KEY", "LEADERBOARD_KEY", "hardware_description", "versions",
-           "write_metrics", "read_metrics", "collect_runs", "build_leaderboard", "leaderboard_markdown",
-           "write_leaderboard", "metric_column"]
+           "write_metrics", "read_metrics", "collect_runs", "row_fields", "as_frame", "normalise"]
 
 
 @lru_cache(maxsize=1)
@@ -151,10 +143,10 @@ def _as_record(row: MetricRow | Mapping[str, Any], i: int) -> dict[str, Any]:
     return {**filled, **{k: v for k, v in row.items() if k not in COLUMNS}}
 
 
-def _as_frame(rows: Iterable[MetricRow | Mapping[str, Any]]) -> pd.DataFrame:
+def as_frame(rows: Iterable[MetricRow | Mapping[str, Any]]) -> pd.DataFrame:
     records = [_as_record(row, i) for i, row in enumerate(rows)]
     frame = pd.DataFrame.from_records(records, columns=_column_order(records))
-    return _normalise(frame)
+    return normalise(frame)
 
 
 def _column_order(records: list[dict]) -> list[str]:
@@ -162,7 +154,7 @@ def _column_order(records: list[dict]) -> list[str]:
     return list(COLUMNS) + extra
 
 
-def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
+def normalise(frame: pd.DataFrame) -> pd.DataFrame:
     """Fix column types so rows from memory and rows read back from CSV compare and group identically."""
     frame = frame.copy()
     for column in (*_TEXT_COLUMNS, "fields"):
@@ -186,7 +178,7 @@ def read_metrics(path: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise UserError(f"{path}: missing columns {', '.join(missing)}; expected a metrics.csv written by sslbench")
-    return _normalise(frame)
+    return normalise(frame)
 
 
 def write_metrics(run_dir: str | os.PathLike, rows: Iterable[MetricRow | Mapping[str, Any]]) -> pd.DataFrame:
@@ -195,7 +187,7 @@ def write_metrics(run_dir: str | os.PathLike, rows: Iterable[MetricRow | Mapping
     Returns every row of the run (earlier stages' included), as written.
     """
     path = Path(run_dir) / "metrics.csv"
-    new = _as_frame(rows)
+    new = as_frame(rows)
     if new.duplicated(list(ROW_KEY)).any():
         dupes = new.loc[new.duplicated(list(ROW_KEY), keep=False), list(ROW_KEY)].drop_duplicates()
         raise ValueError(f"metric rows repeat a (stage, evaluator, metric, variant): {dupes.values.tolist()}")
@@ -208,7 +200,7 @@ def write_metrics(run_dir: str | os.PathLike, rows: Iterable[MetricRow | Mapping
             combined = new
         columns = list(COLUMNS) + sorted(set(combined.columns) - set(COLUMNS))
         atomic_write_csv(combined[columns], path)
-    return _normalise(combined[columns])
+    return normalise(combined[columns])
 
 
 def collect_runs(root: str | os.PathLike) -> pd.DataFrame:
@@ -229,140 +221,9 @@ def collect_runs(root: str | os.PathLike) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def metric_column(evaluator: str, metric: str, variant: str) -> str:
-    """Leaderboard column name: ``evaluator/metric[variant]`` (no brackets when the variant is empty)."""
-    return f"{evaluator}/{metric}[{variant}]" if variant else f"{evaluator}/{metric}"
-
-
 def row_fields(rows: pd.DataFrame) -> list[dict[str, Any] | None]:
     """Each row's variant fields (the ``fields`` column, JSON); ``None`` for a row written before sslbench recorded
     them (2026-11-29), which only has the ``variant`` text."""
     if "fields" not in rows:
         return [None] * len(rows)
     return [json.loads(text) if text else None for text in rows["fields"]]
-
-
-def _column_variant(fields: dict | None, variant: str, checkpoint: str) -> str:
-    """The variant a leaderboard column is named by: the fields without ``ema`` — an EMA row's checkpoint already
-    says ``(ema)`` (part of the row key), so the EMA of one run and the encoder of another share columns."""
-    from sslbench.core.evaluator import format_variant
-
-    labelled = str(checkpoint).endswith("(ema)")      # without the label the marker stays: nothing else tells
-    if fields is not None:
-        return format_variant({k: v for k, v in fields.items() if not (k == "ema" and labelled)})
-    # rows from before the fields were recorded: the text, with its "ema" part dropped for an "(ema)" checkpoint
-    return ",".join(part for part in str(variant).split(",") if not (part == "ema" and labelled))
-
-
-def _natural_key(text: str) -> tuple:
-    """Sort ``k=10`` before ``k=100`` and ``b2`` before ``b11``."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
-
-
-def build_leaderboard(df: pd.DataFrame) -> pd.DataFrame:
-    """Pivot metric rows into one row per (objective, backbone, dataset, checkpoint, stage, protocol_hash).
-
-    Columns: the key, ``seeds`` (number of seeds aggregated), ``latest_run`` (most recent contributing run id), then
-    one column per ``evaluator/metric[variant]`` holding the mean over seeds of each seed's latest value, followed by
-    its ``std`` column when some cell aggregates several seeds. Rows are sorted by dataset, backbone, protocol,
-    checkpoint, objective and stage; metric columns by evaluator, metric and variant (natural order).
-    """
-    key = list(LEADERBOARD_KEY)
-    if df.empty:
-        return pd.DataFrame(columns=[*key, "seeds", "latest_run"])
-    rows = _normalise(df)
-    variants = [_column_variant(f, v, c) for f, v, c in zip(row_fields(rows), rows["variant"], rows["checkpoint"])]
-    rows["column"] = [metric_column(e, m, v) for e, m, v in zip(rows["evaluator"], rows["metric"], variants)]
-    rows["_time"] = pd.to_datetime(rows["timestamp"], utc=True, errors="coerce", format="ISO8601")
-    rows["_seed"] = rows["seed"].astype("float").fillna(-1)  # a row without a seed still counts, as its own seed
-    # Latest wins per (model, protocol, seed, column): a re-run of a seed replaces, it does not add a sample.
-    rows = rows.sort_values("_time", kind="stable")
-    latest = rows.drop_duplicates([*key, "_seed", "column"], keep="last")
-
-    grouped = latest.groupby([*key, "column"], sort=False)["value"]
-    means = grouped.mean().unstack("column")
-    stds = grouped.std(ddof=1).unstack("column")
-    counts = grouped.count().unstack("column")
-    per_model = latest.groupby(key, sort=False)
-    info = pd.DataFrame({"seeds": per_model["_seed"].nunique(),
-                         "latest_run": per_model.apply(lambda g: g.loc[g["_time"].idxmax(), "run_id"]
-                                                       if g["_time"].notna().any() else g["run_id"].iloc[-1],
-                                                       include_groups=False)})
-
-    metric_columns = sorted(means.columns, key=_natural_key)
-    board = info.join(means[metric_columns])
-    for column in reversed(metric_columns):
-        if (counts[column] > 1).any():
-            position = board.columns.get_loc(column) + 1
-            board.insert(position, f"{column} std", stds[column])
-    board = board.reset_index()
-    order = ["dataset", "backbone", "protocol_hash", "checkpoint", "objective", "stage"]
-    board = board.sort_values(order, key=lambda s: s.map(_natural_key), kind="stable").reset_index(drop=True)
-    board["seeds"] = board["seeds"].astype(int)
-    board.columns.name = None
-    return board
-
-
-def _format_cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:#.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def leaderboard_markdown(board: pd.DataFrame) -> str:
-    """A GitHub Markdown table of the leaderboard: ``mean ± std`` cells, protocol hashes shortened to 12 characters.
-
-    Written by hand rather than with ``DataFrame.to_markdown`` to avoid a dependency on ``tabulate``.
-    """
-    std_suffix = " std"
-    columns = [c for c in board.columns if not c.endswith(std_suffix)]
-    # Numbers right-aligned, text left-aligned.
-    lines = ["| " + " | ".join(_format_cell(c) for c in columns) + " |",
-             "|" + "".join(" ---: |" if _is_numeric(board, c) else " --- |" for c in columns)]
-    for _, record in board.iterrows():
-        cells = []
-        for column in columns:
-            value = record[column]
-            if column == "protocol_hash":
-                cells.append(_format_cell(str(value)[:12]))
-                continue
-            cell = _format_cell(value)
-            std = record.get(column + std_suffix)
-            if cell and std is not None and not pd.isna(std):
-                cell = f"{cell} ± {float(std):.2g}"
-            cells.append(cell)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _is_numeric(board: pd.DataFrame, column: str) -> bool:
-    return pd.api.types.is_numeric_dtype(board[column])
-
-
-def write_leaderboard(board: pd.DataFrame, out_csv: str | os.PathLike) -> tuple[Path, Path]:
-    """Write the leaderboard as CSV and as Markdown beside it (``.md``), atomically, under a file lock."""
-    out_csv = Path(out_csv)
-    out_md = out_csv.with_suffix(".md")
-    with file_lock(out_csv.with_name(out_csv.name + ".lock")):
-        _write_leaderboard_files(board, out_csv, out_md)
-    return out_csv, out_md
-
-
-def _write_leaderboard_files(board: pd.DataFrame, out_csv: Path, out_md: Path) -> None:
-    header = ("# sslbench leaderboard\n\n"
-              "One row per (objective, backbone, dataset, checkpoint, stage, protocol); rows of different protocol "
-              "hashes are never merged. Cells are the mean ± sample std over seeds (each seed's latest run).\n\n")
-    atomic_write_csv(board, out_csv)
-    atomic_write_text(out_md, header + leaderboard_markdown(board))
-
-
-def refresh_leaderboard(runs_root: str | os.PathLike, out_csv: str | os.PathLike) -> tuple[Path, Path]:
-    """Rebuild the leaderboard from every run below ``runs_root`` and write it, all under the leaderboard's lock:
-    collecting outside the lock would let a writer that read older rows replace a newer board."""
-    out_csv = Path(out_csv)
-    out_md = out_csv.with_suffix(".md")
-    with file_lock(out_csv.with_name(out_csv.name + ".lock")):
-        _write_leaderboard_files(build_leaderboard(collect_runs(runs_root)), out_csv, out_md)
-    return out_csv, out_md

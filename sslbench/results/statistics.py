@@ -7,7 +7,10 @@ Pure functions on arrays (see ``docs/statistics.md`` for when each applies and t
   Clopper–Pearson interval;
 * :func:`bootstrap_interval` — one seed, any mean of per-sample values: the percentile bootstrap over test samples;
 * :func:`mcnemar_test` — two models scored on the same test samples: the exact McNemar test on the discordant pairs;
-* :func:`paired_bootstrap` — the same question for the difference of means, with an interval.
+* :func:`paired_bootstrap` — the same question for the difference of means, with an interval;
+  :func:`jackknife_interval` / :func:`paired_jackknife` — both for a statistic that is not a mean (:func:`nmi` of
+  cluster ids), from its delete-one jackknife standard error;
+* :func:`welch_test` — two recipes with several seeds each: Welch's t-test over the seeds.
 
 Accuracies are fractions in [0, 1] here; multiply by 100 for percent.
 
@@ -23,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Interval", "seed_interval", "binomial_interval", "bootstrap_interval", "PairedTest", "mcnemar_test",
-           "paired_bootstrap"]
+__all__ = ["Interval", "seed_interval", "binomial_interval", "bootstrap_interval", "jackknife_interval", "nmi",
+           "PairedTest", "mcnemar_test", "paired_bootstrap", "paired_jackknife", "welch_test"]
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,76 @@ def bootstrap_interval(per_sample, confidence: float = 0.95, resamples: int = 20
     x = np.asarray(per_sample, dtype=float)
     if x.ndim != 1 or len(x) == 0:
         raise ValueError("expected a non-empty 1-D array of per-sample values")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    means = _resampled_means(x, resamples, seed)
     low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
     return Interval(float(x.mean()), float(low), float(high), confidence, f"bootstrap, {resamples} resamples")
+
+
+def _resampled_means(x: np.ndarray, resamples: int, seed: int, chunk_elements: int = 2**22) -> np.ndarray:
+    """Means of ``resamples`` resamples with replacement of ``x``, drawn in chunks (~32 MB of indices each) so a
+    10,000-sample test set does not need a 160 MB index matrix. The draws do not depend on the chunk size."""
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, len(x), size=(resamples, len(x))) if resamples * len(x) <= chunk_elements else None
+    if indices is not None:
+        return x[indices].mean(axis=1)
+    rows = max(1, chunk_elements // len(x))
+    means = [x[rng.integers(0, len(x), size=(min(rows, resamples - start), len(x)))].mean(axis=1)
+             for start in range(0, resamples, rows)]
+    return np.concatenate(means)
+
+
+def nmi(labels, clusters, weights=None) -> float:
+    """Normalised mutual information of two labellings (arithmetic normalisation, scikit-learn's default), with
+    optional per-sample ``weights`` (multiplicities): ``I(Y; C) / ((H(Y) + H(C)) / 2)``; 1 when both are a
+    single group. A fraction in [0, 1]."""
+    y_ids = np.unique(np.asarray(labels), return_inverse=True)[1]
+    c_ids = np.unique(np.asarray(clusters), return_inverse=True)[1]
+    w = np.ones(len(y_ids)) if weights is None else np.asarray(weights, dtype=float)
+    ny, nc = int(y_ids.max()) + 1, int(c_ids.max()) + 1
+    joint = np.bincount(y_ids * nc + c_ids, weights=w, minlength=ny * nc).reshape(ny, nc) / w.sum()
+    py, pc = joint.sum(axis=1), joint.sum(axis=0)
+
+    def entropy(p):
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    hy, hc = entropy(py), entropy(pc)
+    if hy == 0 and hc == 0:
+        return 1.0
+    nonzero = joint > 0
+    mutual = float((joint[nonzero] * np.log(joint[nonzero] / np.outer(py, pc)[nonzero])).sum())
+    return max(0.0, mutual / ((hy + hc) / 2))
+
+
+def _jackknife(statistic, keys) -> tuple[float, float]:
+    """(estimate, standard error) of ``statistic(weights)`` by the delete-one jackknife (Efron & Tibshirani 1993,
+    ch. 11): ``se² = (n − 1)/n · Σ (θ₍ᵢ₎ − θ̄)²``. Samples with equal ``keys`` (rows of an (n, k) array) give the
+    same leave-one-out value, so it is computed once per distinct key — a few hundred times for NMI, not n."""
+    keys = np.asarray(keys).reshape(len(keys), -1)
+    n = len(keys)
+    _, first, counts = np.unique(keys, axis=0, return_index=True, return_counts=True)
+    leave_one_out = np.empty(len(first))
+    for g, index in enumerate(first):
+        weights = np.ones(n)
+        weights[index] = 0.0
+        leave_one_out[g] = statistic(weights)
+    mean = float((counts * leave_one_out).sum() / n)
+    variance = (n - 1) / n * float((counts * (leave_one_out - mean) ** 2).sum())
+    return float(statistic(None)), math.sqrt(max(variance, 0.0))
+
+
+def jackknife_interval(statistic, keys, confidence: float = 0.95) -> Interval:
+    """``θ̂ ± z(1 − α/2) · se_jackknife`` for a statistic that is not a mean of per-sample values, such as the NMI
+    of cluster ids (``statistic(weights)``, per-sample weights; ``keys``: what identifies a sample to it, e.g. its
+    (label, cluster)). Chosen over the bootstrap for NMI: resampling with replacement repeats samples, which raises
+    a plug-in mutual information, so bootstrap NMIs sit above the estimate (by 3 points on 450 digits) and their
+    percentile interval can miss it."""
+    from scipy import stats
+
+    _check_confidence(confidence)
+    estimate, se = _jackknife(statistic, keys)
+    half = float(stats.norm.ppf(0.5 + confidence / 2)) * se
+    return Interval(estimate, estimate - half, estimate + half, confidence, f"jackknife over {len(keys)} samples")
 
 
 @dataclass(frozen=True)
@@ -110,8 +179,8 @@ class PairedTest:
         return self.p_value < self.level
 
 
-def _paired(a_correct, b_correct) -> tuple[np.ndarray, np.ndarray]:
-    a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+def _paired(a_correct, b_correct, dtype=bool) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a_correct, dtype=dtype), np.asarray(b_correct, dtype=dtype)
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
         raise ValueError(f"expected two equal-length 1-D arrays of per-sample correctness, got {a.shape} and {b.shape}")
     return a, b
@@ -134,15 +203,50 @@ def mcnemar_test(a_correct, b_correct, level: float = 0.05) -> PairedTest:
 def paired_bootstrap(a_correct, b_correct, level: float = 0.05, resamples: int = 2000, seed: int = 0) -> PairedTest:
     """Paired percentile bootstrap of the accuracy difference: the same resampled indices for both models; the
     interval is the ``level/2`` and ``1 − level/2`` quantiles, the p-value twice the smaller share of resampled
-    differences on either side of 0."""
-    a, b = _paired(a_correct, b_correct)
-    diff = a.astype(float) - b.astype(float)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
-    low, high = np.quantile(means, [level / 2, 1 - level / 2])
-    if not diff.any():
-        p = 1.0
+    differences on either side of 0. Scores may be fractions in [0, 1] (a sample's share of correct seeds or
+    splits), not only 0/1."""
+    a, b = _paired(a_correct, b_correct, dtype=float)
+    diff = a - b
+    means = _resampled_means(diff, resamples, seed)
+    return _paired_result(float(diff.mean()), means, not diff.any(), level, f"paired bootstrap, {resamples} resamples")
+
+
+def paired_jackknife(statistic_a, statistic_b, keys, level: float = 0.05) -> PairedTest:
+    """The difference of two statistics of the same samples (NMI of two clusterings), tested with its jackknife
+    standard error: ``z = d / se``, two-sided normal p-value, interval ``d ± z(1 − level/2) · se``."""
+    from scipy import stats
+
+    difference, se = _jackknife(lambda w: statistic_a(w) - statistic_b(w), keys)
+    if se == 0:
+        p = 1.0 if difference == 0 else 0.0
     else:
-        p = min(1.0, 2 * min(float(np.mean(means <= 0)), float(np.mean(means >= 0))))
-    return PairedTest(float(diff.mean()), p, float(low), float(high), f"paired bootstrap, {resamples} resamples",
+        p = float(2 * stats.norm.sf(abs(difference) / se))
+    half = float(stats.norm.ppf(1 - level / 2)) * se
+    return PairedTest(difference, p, difference - half, difference + half, f"paired jackknife over {len(keys)} samples",
                       level)
+
+
+def _paired_result(estimate: float, resampled: np.ndarray, identical: bool, level: float, method: str) -> PairedTest:
+    low, high = np.quantile(resampled, [level / 2, 1 - level / 2])
+    p = 1.0 if identical else min(1.0, 2 * min(float(np.mean(resampled <= 0)), float(np.mean(resampled >= 0))))
+    return PairedTest(estimate, p, float(low), float(high), method, level)
+
+
+def welch_test(a_values, b_values, level: float = 0.05) -> PairedTest:
+    """Welch's t-test of two means over seeds (unequal variances), with the Welch–Satterthwaite interval of the
+    difference. Not paired: seeds of two recipes are independent trainings."""
+    from scipy import stats
+
+    a, b = np.asarray(a_values, dtype=float), np.asarray(b_values, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("Welch's test needs at least 2 values on each side")
+    difference = float(a.mean() - b.mean())
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return PairedTest(difference, 1.0 if difference == 0 else 0.0, difference, difference,
+                          f"Welch t over {len(a)} and {len(b)} seeds (no spread)", level)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = float(stats.t.ppf(1 - level / 2, dof) * math.sqrt(va + vb))
+    p = float(2 * stats.t.sf(abs(difference) / math.sqrt(va + vb), dof))
+    return PairedTest(difference, p, difference - half, difference + half,
+                      f"Welch t over {len(a)} and {len(b)} seeds", level)

@@ -44,15 +44,20 @@ def dataset_label(recipe: Recipe) -> str:
     return train["source"] + (f":{train['path']}" if train.get("path") else "")
 
 
-def publish_rows(run_dir: Path, rows: list[dict], runs_root: Path) -> None:
-    """Write a run's rows (``metrics.csv``, plus the per-block table and plot when it has per-block rows), print
-    them, and refresh the leaderboard beside the runs folder. Shared by ``sslbench run`` and ``sslbench eval``."""
+def publish_rows(run_dir: Path, rows: list[dict], runs_root: Path, results=(), test_labels=None) -> None:
+    """Write a run's rows (``metrics.csv``; ``predictions.npz`` with the per-sample records of ``results`` — the
+    ``(EvalSpec, MetricValue)`` pairs the rows were made from, in order — on ``test_labels``; the per-block table
+    and plot when it has per-block rows), refresh the leaderboard of the runs folder (``<runs_root>/leaderboard.md``)
+    and tell the user, in words, what the run measured and where everything is. Shared by ``sslbench run`` and
+    ``sslbench eval``."""
+    from sslbench.results.leaderboard import refresh
     from sslbench.results.plots import write_run_per_block
-    from sslbench.results.metrics import refresh_leaderboard, write_metrics
+    from sslbench.results.metrics import write_metrics
+    from sslbench.results.predictions import write_predictions
+    from sslbench.results.summary import run_summary
 
+    records = [(row, value.per_sample) for row, (_, value) in zip(rows, results) if value.per_sample is not None]
+    if records and test_labels is not None:
+        write_predictions(run_dir, records, test_labels)
     write_run_per_block(run_dir, write_metrics(run_dir, rows))      # the run's rows in memory, not read back
-    for row in rows:
-        print(f"{row['evaluator']:>12} {row['metric']:<10} {row['variant']:<34} {row['value']:8.2f}")
-    board, _ = refresh_leaderboard(runs_root, runs_root.parent / "leaderboard.csv")
-    print(f"results: {run_dir / 'metrics.csv'} (recipe, log and checkpoints in {run_dir}); leaderboard: "
-          f"{board.with_suffix('.md')}")
+    print(run_summary(run_dir, rows, leaderboard=refresh(runs_root)))

@@ -38,7 +38,8 @@ RUN = {
     "name": Option(None, str, "run name: one folder name (letters, digits, _ . + = -); the run folder is "
                    "<output_dir>/<name>", required=True),
     "seed": Option(0, int, "seed of data order, augmentations, masks and initialisation", min=0),
-    "output_dir": Option("results/runs", str, "folder that holds the run folders"),
+    "output_dir": Option("runs", str, "folder that holds the run folders and their leaderboard (runs/ is "
+                         "git-ignored; the committed reference results are in results/)"),
     "checkpoint_every": Option(0, int, "save a resumable checkpoint every N optimiser steps (0: stage ends only)",
                                min=0),
     "log_every": Option(10, int, "write a metrics-log line every N steps", min=1),

@@ -23,7 +23,7 @@ from sslbench.evaluation.suite import evaluate_backbone
 from sslbench.training.publish import metric_rows, publish_rows
 from sslbench.core.modules import EMA
 from sslbench.training.resume import load_resume_state, rng_state, save_resume_state, set_rng_state
-from sslbench.training.run_folder import open_run_folder, reopen_check, run_dir_of
+from sslbench.training.run_folder import finished_run, open_run_folder, reopen_check, run_dir_of
 from sslbench.training.context import RunContext
 from sslbench.training.spec import Recipe
 from sslbench.training.trainer import Progress, StageTrainer, append_jsonl, truncate_log
@@ -126,7 +126,7 @@ class Run:
         recipe_name = re.sub(r"-seed\d+$", "", self.run_dir.name)
         rows = metric_rows(recipe, results, run_id=self.run_dir.name, objective=self.recipe.objective_chain(),
                            stage=stage_name, checkpoint=f"{start} → {recipe_name}/{stage_name}")
-        publish_rows(self.run_dir, rows, Path(recipe.run.output_dir))
+        publish_rows(self.run_dir, rows, Path(recipe.run.output_dir), results, self.datasets["test"].labels)
         return rows
 
     def train(self, evaluate_stages: bool = False) -> None:
@@ -222,6 +222,10 @@ def run_recipe(path: str, *, resume: bool = False, force: bool = False, seed: in
     if seed is not None:
         recipe = recipe.replace(run={"seed": seed,
                                      "name": check_run_name(f"{recipe.run.name}-seed{seed}", "--seed")})
+    done = None if resume or force else finished_run(recipe)
+    if done is not None:
+        _report_finished(done, recipe)
+        return done
     existed = run_dir_of(recipe).exists()
     try:
         run = Run(recipe, registry, resume=resume, force=force, allow_optimizer_change=allow_optimizer_change)
@@ -237,6 +241,18 @@ def run_recipe(path: str, *, resume: bool = False, force: bool = False, seed: in
     finally:
         run.finish()
     return run.run_dir
+
+
+def _report_finished(run_dir: Path, recipe: Recipe) -> None:
+    """A second `sslbench run` of a finished recipe trains nothing: it says where the results are."""
+    from sslbench.results.metrics import read_metrics
+    from sslbench.results.summary import run_summary
+
+    rows = read_metrics(run_dir / "metrics.csv").to_dict("records") if recipe.eval else []
+    leaderboard = Path(recipe.run.output_dir) / "leaderboard.md"
+    print(f"{run_dir}: this recipe already ran to the end (same recipe hash), so nothing was trained. Pass --force "
+          "to run it again, or --seed N for another seed.")
+    print(run_summary(run_dir, rows, leaderboard=leaderboard if leaderboard.exists() else None))
 
 
 def _remove_if_unstarted(run_dir: Path, recipe: Recipe) -> None:

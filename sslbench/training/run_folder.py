@@ -150,3 +150,21 @@ def open_run_folder(recipe: Recipe, *, resume: bool, force: bool, allow_optimize
         history.append(history_entry)
     write_meta(run_dir, recipe, **({"history": history} if history else {}))
     return run_dir
+
+
+def finished_run(recipe: Recipe) -> Path | None:
+    """The run folder of ``recipe`` when it holds this very recipe (same hash) run to the end — its last stage
+    evaluated, or, without ``[[eval]]``, its backbone exported — else ``None``."""
+    run_dir = run_dir_of(recipe)
+    meta = read_meta(run_dir) if run_dir.is_dir() and not run_dir.is_symlink() else None
+    if meta is None or meta["recipe_hash"] != recipe.recipe_hash:
+        return None
+    if not recipe.eval:
+        return run_dir if (run_dir / "checkpoints" / "backbone.pt").is_file() else None
+    from sslbench.results.metrics import read_metrics
+
+    try:
+        rows = read_metrics(run_dir / "metrics.csv")
+    except (OSError, UserError):
+        return None
+    return run_dir if (rows["stage"] == recipe.stages[-1].name).any() else None

@@ -153,7 +153,8 @@ class StageTrainer:
             if progress.step % log_every == 0 or progress.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
                 record = {"stage": self.stage_index, "stage_name": self.stage.name, "step": progress.step,
-                          "global_step": progress.global_step, "loss": float(acc.reduce(loss_sum, "mean")),
+                          "global_step": progress.global_step, "epoch": progress.step / self.steps_per_epoch,
+                          "loss": float(acc.reduce(loss_sum, "mean")),
                           "lr": lr, "images_per_s": window_images / max(elapsed, 1e-9)}
                 record.update({k: float(acc.reduce(torch.as_tensor(v, device=acc.device), "mean"))
                                for k, v in logs_sum.items()})

@@ -102,3 +102,44 @@ def test_clustered_features_score_well_above_chance(name):
     rows = evaluator.evaluate(train, test, evaluator.requests(DEPTH))
     values = [r.value for r in rows if r.metric == "top1" and "1shot" not in r.variant]
     assert values and min(values) > 50, values
+
+
+@pytest.mark.parametrize("name", EVALUATORS)
+def test_per_sample_records_reproduce_the_rows(name, tmp_path):
+    """A record is what intervals and paired tests resample: its mean (or its NMI) must be the row's value, and
+    it must survive predictions.npz."""
+    from sslbench.results.predictions import read_predictions, write_predictions
+    from sslbench.results.statistics import nmi
+
+    evaluator = build(name)
+    train, test = fake_splits(evaluator.requests(DEPTH))
+    rows = evaluator.evaluate(train, test, evaluator.requests(DEPTH))
+    recorded = [r for r in rows if r.per_sample is not None]
+    if name in ("knn", "linear_probe", "low_shot", "clustering", "per_block"):
+        assert recorded, f"{name} keeps no per-sample records"
+    for row in recorded:
+        values = row.per_sample.values
+        assert len(values) == len(test.labels)
+        if row.per_sample.kind == "mean":
+            assert 100 * float(values.astype(float).mean()) == pytest.approx(row.value, abs=1e-6), row
+        else:
+            assert 100 * nmi(test.labels.numpy(), values) == pytest.approx(row.value, abs=1e-6), row
+    if recorded:
+        keyed = [({"stage": "s", "evaluator": name, "metric": r.metric, "variant": r.variant}, r.per_sample)
+                 for r in recorded]
+        back = read_predictions(write_predictions(tmp_path, keyed, test.labels))
+        for key, record in keyed:
+            stored = back.records[("s", name, key["metric"], key["variant"])]
+            assert stored.kind == record.kind
+            assert (stored.values.astype(float) == record.values.astype(float)).all()
+
+
+@pytest.mark.parametrize("name", EVALUATORS)
+def test_headlines_pick_existing_results(name):
+    evaluator = build(name)
+    train, test = fake_splits(evaluator.requests(DEPTH))
+    rows = evaluator.evaluate(train, test, evaluator.requests(DEPTH))
+    chosen = type(evaluator).headlines([(r.metric, r.fields, r.value) for r in rows])
+    assert isinstance(chosen, dict)
+    for label, index in chosen.items():
+        assert isinstance(label, str) and label and 0 <= index < len(rows)

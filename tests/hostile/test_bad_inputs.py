@@ -77,8 +77,7 @@ def test_bad_recipe_is_refused_in_one_line_and_leaves_nothing(change, expected, 
     recipe = change(copy.deepcopy(tiny_recipe), tmp_path)
     path = write_recipe(recipe)
     refused(["run", path, "--no-progress"], *expected)
-    assert files_under(tmp_path / "runs") == []
-    assert not (tmp_path / "leaderboard.csv").exists()
+    assert files_under(tmp_path / "runs") == []                     # no run folder and no leaderboard
 
 
 def test_corrected_recipe_then_runs_without_force(tiny_recipe, tmp_path, write_recipe, refused, capsys):
@@ -89,8 +88,15 @@ def test_corrected_recipe_then_runs_without_force(tiny_recipe, tmp_path, write_r
 
     assert main(["run", str(write_recipe(tiny_recipe)), "--no-progress"]) == 0
     assert (tmp_path / "runs" / "tiny" / "metrics.csv").is_file()
-    last = capsys.readouterr().out.strip().splitlines()[-1]          # the run says where its results went
-    assert last.startswith(f"results: {tmp_path / 'runs' / 'tiny' / 'metrics.csv'}") and "leaderboard.md" in last
+    out = capsys.readouterr().out                                    # the run says where its results went
+    assert f"everything is in {tmp_path / 'runs' / 'tiny'}/" in out and "k-NN top-1: " in out
+    assert out.strip().splitlines()[-1].endswith(f"{tmp_path / 'runs' / 'leaderboard.md'}")
+    # the same recipe again trains nothing and says so, with the results
+    log = (tmp_path / "runs" / "tiny" / "log.jsonl").read_bytes()
+    assert main(["run", str(write_recipe(tiny_recipe)), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "already ran to the end" in out and "k-NN top-1: " in out and "--force" in out
+    assert (tmp_path / "runs" / "tiny" / "log.jsonl").read_bytes() == log
 
 
 def test_a_good_image_folder_trains(tiny_recipe, tmp_path, write_recipe):

@@ -1,0 +1,269 @@
+"""From metric rows to leaderboard entries: one model under one protocol, its results over seeds, with intervals.
+
+An **entry** is what the leaderboard shows as one row: the rows of every run that share (objective, backbone,
+dataset, checkpoint, stage, protocol hash) — the seeds of one recipe (``--seed N`` runs share the checkpoint label),
+each contributing its latest value. Rows of different protocol hashes are never merged: their numbers are not
+comparable. ``stage`` is part of the key, so an evaluation after an intermediate stage is never averaged with the
+final one; an EMA's checkpoint label ends in ``(ema)``, so it is an entry of its own.
+
+Each result of an entry (evaluator, metric, variant) gets the mean over seeds and a 95% interval
+(``docs/statistics.md``):
+
+* two or more seeds: the Student-t interval over the seeds (training noise and test-set noise together);
+* one seed with a per-sample record (``predictions.npz``): over the test samples — exact Clopper–Pearson for a 0/1
+  accuracy, the percentile bootstrap for a mean of fractions (low-shot over splits), the jackknife for NMI;
+* otherwise none (rows written before sslbench kept per-sample records, 2026-11-29; and metrics such as AMI that
+  are not resampled).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sslbench.core.evaluator import PerSample, format_variant
+from sslbench.results.metrics import LEADERBOARD_KEY, normalise, row_fields
+from sslbench.results.predictions import FILENAME, RunPredictions, read_predictions
+from sslbench.results.statistics import (Interval, binomial_interval, bootstrap_interval, jackknife_interval, nmi,
+                                         seed_interval)
+
+__all__ = ["Sample", "Result", "Entry", "build_entries", "entry_name", "CONFIDENCE"]
+
+CONFIDENCE = 0.95
+#: Metrics with a ``partition`` record: recomputed from cluster ids (percent).
+PARTITION_STATISTICS = {"nmi": nmi}
+
+
+@dataclass
+class Sample:
+    """One seed's per-sample record of a result, with the test labels it was scored on."""
+
+    record: PerSample
+    labels: np.ndarray
+    fingerprint: str
+
+
+@dataclass
+class Result:
+    """One (evaluator, metric, variant) of an entry: per-seed values, their per-sample records, the interval."""
+
+    evaluator: str
+    metric: str
+    variant: str                      # the column variant (an EMA's ``ema`` field dropped: its entry says so)
+    fields: dict                      # the row's variant fields (parsed from the text for rows without them)
+    values: dict[int, float]          # seed → value
+    samples: dict[int, Sample]        # seed → per-sample record (only seeds that have one)
+    selection_split: str = "none"
+    interval: Interval | None = None
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(list(self.values.values())))
+
+    @property
+    def column(self) -> str:
+        return f"{self.evaluator}/{self.metric}[{self.variant}]" if self.variant else f"{self.evaluator}/{self.metric}"
+
+
+@dataclass
+class Entry:
+    """One leaderboard row: a model (checkpoint label, stage) under a protocol, over its seeds."""
+
+    key: dict[str, str]               # LEADERBOARD_KEY columns
+    name: str                         # short label, unique within the protocol (a run name, "/stage", "(ema)")
+    start: str                        # the checkpoint training started from ("scratch" or a path)
+    runs: dict[int, str]              # seed → run id
+    run_dirs: dict[int, str]          # seed → run folder
+    hardware: str
+    versions: str
+    recipe_hash: str
+    timestamp: str
+    results: dict[tuple[str, str, str], Result] = field(default_factory=dict)
+
+    @property
+    def protocol(self) -> str:
+        return self.key["protocol_hash"]
+
+    @property
+    def seeds(self) -> int:
+        return len(self.runs)
+
+    @property
+    def ema(self) -> bool:
+        return self.key["checkpoint"].endswith("(ema)")
+
+
+def entry_name(checkpoint: str, run_id: str) -> str:
+    """``"scratch → quickstart/mae"`` → ``"quickstart/mae"``; an evaluated file (``sslbench eval``) is named by its
+    run folder; an EMA keeps its ``(ema)``."""
+    if " → " in checkpoint:
+        return checkpoint.split(" → ", 1)[1]
+    return re.sub(r"-seed\d+$", "", run_id) + (" (ema)" if checkpoint.endswith("(ema)") else "")
+
+
+def _start(checkpoint: str) -> str:
+    return checkpoint.split(" → ", 1)[0] if " → " in checkpoint else checkpoint.removesuffix(" (ema)")
+
+
+_SETTING = re.compile(r"^(\d+shot|[\d.]+pct)$")
+
+
+def fields_from_variant(variant: str) -> dict[str, Any]:
+    """Best-effort fields of a row written before ``metrics.csv`` kept them (2026-11-29), from its variant text:
+    ``k=20,block=3,raw`` → ``{"k": 20, "block": 3, "stream": "raw"}``. Newer rows carry their fields."""
+    from sslbench.core.evaluator import _REQUEST_PATTERN
+
+    fields: dict[str, Any] = {}
+    for part in filter(None, str(variant).split(",")):
+        name, equals, value = part.partition("=")
+        if equals:
+            fields[name] = int(value) if value.lstrip("-").isdigit() else value
+        elif _REQUEST_PATTERN.match(part):
+            fields["feature"] = part
+        elif part in ("raw", "normed"):
+            fields["stream"] = part
+        elif part in ("train", "test"):
+            fields["split"] = part
+        elif _SETTING.match(part):
+            fields["setting"] = part
+        elif part in ("std", "ema"):
+            fields[part] = True
+        else:
+            fields["head"] = part
+    return fields
+
+
+def _column_variant(fields: dict | None, variant: str, checkpoint: str) -> str:
+    """The variant a column is named by: the fields without ``ema`` when the checkpoint label already says
+    ``(ema)``, so the EMA of one run and the encoder of another share columns."""
+    labelled = str(checkpoint).endswith("(ema)")
+    if fields is not None:
+        return format_variant({k: v for k, v in fields.items() if not (k == "ema" and labelled)})
+    return ",".join(part for part in str(variant).split(",") if not (part == "ema" and labelled))
+
+
+def load_predictions(run_dirs) -> dict[str, RunPredictions]:
+    """Each run folder's ``predictions.npz``, where there is one."""
+    loaded = {}
+    for run_dir in sorted(set(run_dirs)):
+        path = Path(run_dir) / FILENAME
+        if path.is_file():
+            loaded[run_dir] = read_predictions(path)
+    return loaded
+
+
+def build_entries(rows: pd.DataFrame, predictions: dict[str, RunPredictions] | None = None) -> list[Entry]:
+    """Group metric rows (``collect_runs``, with ``run_dir``) into entries with intervals; ``predictions`` maps a
+    run folder to its records (default: read from the folders). Sorted by dataset, protocol and name."""
+    if rows.empty:
+        return []
+    rows = normalise(rows)
+    if "run_dir" not in rows:
+        rows["run_dir"] = ""
+    if predictions is None:
+        predictions = load_predictions(d for d in rows["run_dir"] if d)
+    rows["parsed_fields"] = row_fields(rows)
+    rows["column_variant"] = [_column_variant(f, v, c) for f, v, c in zip(rows["parsed_fields"], rows["variant"],
+                                                                      rows["checkpoint"])]
+    rows["time_key"] = pd.to_datetime(rows["timestamp"], utc=True, errors="coerce", format="ISO8601")
+    rows["seed_key"] = rows["seed"].astype("float").fillna(-1).astype(int)
+    # Latest wins per (entry, seed, result): a re-run of a seed replaces its number, it does not add a sample.
+    rows = rows.sort_values("time_key", kind="stable")
+    rows = rows.drop_duplicates([*LEADERBOARD_KEY, "seed_key", "evaluator", "metric", "column_variant"], keep="last")
+
+    entries = []
+    for key, group in rows.groupby(list(LEADERBOARD_KEY), sort=False):
+        key = dict(zip(LEADERBOARD_KEY, key))
+        latest = group.iloc[-1]
+        by_seed = group.drop_duplicates("seed_key", keep="last")
+        entry = Entry(key=key, name=entry_name(key["checkpoint"], str(latest["run_id"])),
+                      start=_start(key["checkpoint"]), runs=dict(zip(by_seed["seed_key"], by_seed["run_id"])),
+                      run_dirs=dict(zip(by_seed["seed_key"], by_seed["run_dir"])), hardware=str(latest["hardware"]),
+                      versions=f"sslbench {latest['sslbench_version']}, torch {latest['torch_version']}, "
+                               f"timm {latest['timm_version']}",
+                      recipe_hash=str(latest["recipe_hash"]), timestamp=str(latest["timestamp"]))
+        for record in group.itertuples(index=False):
+            result_key = (record.evaluator, record.metric, record.column_variant)
+            result = entry.results.get(result_key)
+            if result is None:
+                fields = record.parsed_fields if record.parsed_fields is not None else fields_from_variant(record.column_variant)
+                if entry.ema:
+                    fields = {k: v for k, v in fields.items() if k != "ema"}
+                result = entry.results[result_key] = Result(record.evaluator, record.metric, record.column_variant,
+                                                            fields, {}, {}, record.selection_split)
+            result.values[record.seed_key] = float(record.value)
+            run = predictions.get(record.run_dir)
+            stored = run.records.get((record.stage, record.evaluator, record.metric, record.variant)) if run else None
+            if stored is not None:
+                result.samples[record.seed_key] = Sample(stored, run.labels, run.fingerprint)
+        for result in entry.results.values():
+            result.interval = interval_of(result)
+        entries.append(entry)
+    _make_names_unique(entries)
+    return sorted(entries, key=lambda e: (e.key["dataset"], e.protocol, e.name))
+
+
+def _make_names_unique(entries: list[Entry]) -> None:
+    """Two entries of one protocol with the same name (one recipe started from two checkpoints) get their start."""
+    seen: dict[tuple[str, str], int] = {}
+    for entry in entries:
+        seen[(entry.protocol, entry.name)] = seen.get((entry.protocol, entry.name), 0) + 1
+    for entry in entries:
+        if seen[(entry.protocol, entry.name)] > 1:
+            entry.name = f"{entry.name} (from {entry.start})"
+
+
+def interval_of(result: Result, confidence: float = CONFIDENCE) -> Interval | None:
+    """The result's interval, in percent (see the module docstring for which one)."""
+    values = list(result.values.values())
+    if len(values) >= 2:
+        return seed_interval(values, confidence)
+    if len(result.samples) != 1:
+        return None
+    sample = next(iter(result.samples.values()))
+    scores = np.asarray(sample.record.values)
+    if sample.record.kind == "mean":
+        as_float = scores.astype(float)
+        if np.isin(as_float, (0.0, 1.0)).all():
+            interval = binomial_interval(int(as_float.sum()), len(as_float), confidence)
+        else:
+            interval = bootstrap_interval(as_float, confidence)
+    elif result.metric in PARTITION_STATISTICS:
+        statistic = PARTITION_STATISTICS[result.metric]
+        keys = np.stack([sample.labels, scores], axis=1)
+        interval = jackknife_interval(lambda w: statistic(sample.labels, scores, w), keys, confidence)
+    else:
+        return None
+    # The record reproduces the row's value (up to its rounding); the interval is centred on the row's value.
+    return Interval(values[0], 100 * interval.low, 100 * interval.high, confidence, interval.method)
+
+
+def long_form(entries: list[Entry]) -> pd.DataFrame:
+    """One row per entry × result with every identifying column — the table pandas users pivot as they like."""
+    records: list[dict[str, Any]] = []
+    for entry in entries:
+        for result in entry.results.values():
+            interval = result.interval
+            fingerprints = {s.fingerprint for s in result.samples.values()}
+            records.append({
+                "dataset": entry.key["dataset"], "protocol_hash": entry.protocol, "backbone": entry.key["backbone"],
+                "objective": entry.key["objective"], "entry": entry.name, "start": entry.start,
+                "checkpoint": entry.key["checkpoint"], "stage": entry.key["stage"],
+                "evaluator": result.evaluator, "metric": result.metric, "variant": result.variant,
+                "fields": json.dumps(result.fields),
+                "value": result.mean,
+                "low": interval.low if interval else np.nan, "high": interval.high if interval else np.nan,
+                "half_width": interval.half_width if interval else np.nan,
+                "interval": interval.method if interval else "",
+                "seeds": len(result.values), "seed_values": json.dumps(sorted(result.values.items())),
+                "runs": ";".join(entry.runs[s] for s in sorted(result.values) if s in entry.runs),
+                "test_set": ";".join(sorted(fingerprints)), "selection_split": result.selection_split,
+                "recipe_hash": entry.recipe_hash, "hardware": entry.hardware, "versions": entry.versions,
+                "timestamp": entry.timestamp})
+    return pd.DataFrame.from_records(records)

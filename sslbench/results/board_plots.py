@@ -1,0 +1,133 @@
+"""The leaderboard's figures, one pair per protocol (all its rows on one axes, never rows of two protocols):
+
+* ``per_block_<dataset>_<protocol>.png`` — k-NN top-1 of every block, one line per row with its 95% interval as a
+  band: the MIM-Refiner paper's figure 1 view (a MIM model peaks in the middle, a refined one at the end);
+* ``headline_<dataset>_<protocol>.png`` — the headline metrics as dots with 95% error bars, one panel per metric.
+  Dots, not bars: a bar's length reads as the value, so a bar chart whose axis does not start at 0 exaggerates; a
+  dot's position does not. A panel whose axis does not start at 0 says so on the axis.
+
+Legends use the rows' short names; file names the dataset and the protocol hash's first 12 characters.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+from sslbench.results.plots import pyplot, save_figure
+
+__all__ = ["per_block_curves", "plot_protocol_per_block", "plot_protocol_headline", "write_board_plots",
+           "value_axis", "plot_name"]
+
+
+def plot_name(kind: str, protocol) -> str:
+    dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", protocol.dataset).strip("_") or "data"
+    return f"{kind}_{dataset}_{protocol.protocol_hash[:12]}.png"
+
+
+def per_block_curves(entry) -> tuple[str, dict[int, object]]:
+    """The per-block k-NN top-1 results of ``entry`` drawn in the overlay: k = 20 where measured (else the largest
+    k), the stream after the final norm where measured. Returns (description, ``{block: Result}``)."""
+    results = [r for r in entry.results.values() if r.evaluator == "per_block" and r.metric == "top1"
+               and isinstance(r.fields.get("block"), int)]
+    if not results:
+        return "", {}
+    ks = {r.fields.get("k") for r in results}
+    k = 20 if 20 in ks else max(ks)
+    streams = {r.fields.get("stream") for r in results}
+    stream = "normed" if "normed" in streams else sorted(map(str, streams))[0]
+    chosen = {r.fields["block"]: r for r in results if r.fields.get("k") == k and r.fields.get("stream") == stream
+              and not r.fields.get("std")}
+    return f"k={k}, {stream}", dict(sorted(chosen.items()))
+
+
+def plot_protocol_per_block(protocol, path: str | os.PathLike) -> Path | None:
+    """All rows' per-block curves of one protocol on one axes, with interval bands; ``None`` without per-block rows."""
+    curves = [(entry.name, *per_block_curves(entry)) for entry in protocol.entries]
+    curves = [(name, what, blocks) for name, what, blocks in curves if blocks]
+    if not curves:
+        return None
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    try:
+        for name, _, blocks in curves:
+            x = list(blocks)
+            y = [blocks[b].mean for b in x]
+            line, = axes.plot(x, y, marker="o", markersize=3, label=name)
+            low = [blocks[b].interval.low if blocks[b].interval else math.nan for b in x]
+            high = [blocks[b].interval.high if blocks[b].interval else math.nan for b in x]
+            if not all(math.isnan(v) for v in low):
+                axes.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        axes.set_xlabel("block (0 = first)")
+        axes.set_ylabel("k-NN top-1 (%)")
+        axes.set_xticks(sorted({b for _, _, blocks in curves for b in blocks}))
+        axes.set_title(f"{protocol.title}: k-NN per block ({curves[0][1]}); bands: 95% intervals", fontsize=9)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        figure.tight_layout()
+        return save_figure(figure, Path(path))
+    finally:
+        plt.close(figure)
+
+
+def value_axis(lows: list[float], highs: list[float]) -> tuple[float, float, bool]:
+    """The axis range of a panel and whether it is zoomed: 0–100 (or 0 to the largest value) unless everything lies
+    in less than a quarter of that, then the values with a margin of half their spread (at least 1 point)."""
+    low, high = min(lows), max(highs)
+    full_top = max(100.0, high) if high <= 100 else high * 1.05
+    if high - low >= 0.25 * full_top:
+        return 0.0, full_top, False
+    margin = max(1.0, 0.5 * (high - low))
+    return max(0.0, low - margin), min(full_top, high + margin), low - margin > 0
+
+
+def plot_protocol_headline(protocol, path: str | os.PathLike) -> Path | None:
+    """Dots with 95% error bars, one panel per headline metric, one row per leaderboard row; ``None`` without
+    headline values."""
+    labels = [label for label in protocol.labels if label not in protocol.shown_fields]
+    if not labels:
+        return None
+    names = [e.name for e in protocol.entries]
+    plt = pyplot()
+    figure, panels = plt.subplots(1, len(labels), figsize=(2.6 * len(labels) + 2.5, 0.42 * len(names) + 1.6),
+                                  sharey=True, squeeze=False)
+    try:
+        for axes, label in zip(panels[0], labels):
+            lows, highs = [], []
+            for i, entry in enumerate(protocol.entries):
+                result = protocol.headlines.get(entry.name, {}).get(label)
+                if result is None:
+                    continue
+                value, interval = result.mean, result.interval
+                error = [[value - interval.low], [interval.high - value]] if interval else None
+                axes.errorbar([value], [i], xerr=error, fmt="o", color=f"C{i % 10}", capsize=3, markersize=5)
+                lows.append(interval.low if interval else value)
+                highs.append(interval.high if interval else value)
+            if lows:
+                start, stop, zoomed = value_axis(lows, highs)
+                axes.set_xlim(start, stop)
+                axes.set_xlabel(f"%  (zoomed: axis starts at {start:.0f}, not 0)" if zoomed else "%", fontsize=7)
+            axes.set_title(label, fontsize=9)
+            axes.grid(axis="x", alpha=0.3)
+        panels[0][0].set_yticks(range(len(names)))
+        panels[0][0].set_yticklabels(names, fontsize=8)
+        panels[0][0].invert_yaxis()
+        figure.suptitle(f"{protocol.title}: headline metrics, 95% intervals", fontsize=9)
+        figure.tight_layout()
+        return save_figure(figure, Path(path))
+    finally:
+        plt.close(figure)
+
+
+def write_board_plots(board, out_dir: str | os.PathLike) -> list[Path]:
+    """Both figures of every protocol into ``out_dir``; returns the written paths."""
+    out_dir = Path(out_dir)
+    written = []
+    for protocol in board.protocols:
+        for kind, draw in (("headline", plot_protocol_headline), ("per_block", plot_protocol_per_block)):
+            path = draw(protocol, out_dir / plot_name(kind, protocol))
+            if path is not None:
+                written.append(path)
+    return written

@@ -1,0 +1,161 @@
+"""Which differences between leaderboard entries are more than noise: each entry against its base and a baseline.
+
+* **Base**: a refinement is compared with the entry of the checkpoint it started from — the run whose
+  ``checkpoints/backbone.pt`` it loaded (its EMA when it loaded ``sslbench_ema``), at that run's last stage, under
+  the same protocol; failing that, an ``sslbench eval`` of that very file under the protocol. An entry of
+  ``sslbench eval`` (a file evaluated as is) has no base itself.
+* **Baseline**: one entry per protocol that every other entry is compared with — named with ``sslbench leaderboard
+  --baseline NAME``, else the entry that is the base of the most others (none when no entry is a base).
+
+The test (``docs/statistics.md``): when both entries have per-sample records on the same test set, a **paired** test
+over the test samples — exact McNemar for one seed each and 0/1 scores, else the paired bootstrap of the difference of
+the per-sample scores averaged over seeds; for NMI (one seed each) the paired jackknife. With two or more seeds on
+both sides, Welch's t-test over the seeds must also reject, so a difference that one lucky seed makes is not called
+significant. Without per-sample records, Welch's test alone when both have several seeds; else no test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sslbench.results.aggregate import PARTITION_STATISTICS, Entry, Result
+from sslbench.results.statistics import PairedTest, mcnemar_test, paired_bootstrap, paired_jackknife, welch_test
+
+__all__ = ["Comparison", "find_base", "choose_baseline", "compare_results", "is_named", "recipe_name"]
+
+LEVEL = 0.05
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``entry − against`` for one result, in percentage points, with the test's interval and p-value."""
+
+    entry: str
+    against: str
+    relation: str                      # "base" or "baseline"
+    label: str                         # the result's headline label (or column)
+    difference: float
+    low: float | None
+    high: float | None
+    p_value: float
+    method: str
+    significant: bool
+
+
+def recipe_name(run_id: str) -> str:
+    """A run folder's recipe name: ``quickstart-seed2`` → ``quickstart``."""
+    return re.sub(r"-seed\d+$", "", run_id)
+
+
+def _read_recipe(run_dir: str) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "recipe.json").read_text(encoding="utf-8")).get("recipe", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def _base_run_of(entry: Entry) -> tuple[str, bool] | None:
+    """(recipe name of the run whose checkpoint ``entry`` started from, whether it loaded that run's EMA)."""
+    if " → " not in entry.key["checkpoint"] or entry.start == "scratch":
+        return None
+    parts = Path(entry.start).parts
+    if "checkpoints" not in parts or parts.index("checkpoints") == 0:
+        return None
+    backbone = _read_recipe(next(iter(entry.run_dirs.values()), "")).get("backbone", {})
+    return recipe_name(parts[parts.index("checkpoints") - 1]), backbone.get("checkpoint_format") == "sslbench_ema"
+
+
+def find_base(entry: Entry, protocol_entries: list[Entry]) -> Entry | None:
+    """The entry of the checkpoint ``entry`` started from, in the same protocol (see the module docstring)."""
+    base = _base_run_of(entry)
+    if base is None:
+        return None
+    name, ema = base
+    candidates = [e for e in protocol_entries if e is not entry and e.ema == ema
+                  and {recipe_name(r) for r in e.runs.values()} == {name}]
+    if not candidates:
+        # the same file evaluated with `sslbench eval` under this protocol
+        evaluated = [e for e in protocol_entries if e is not entry and e.ema == ema
+                     and " → " not in e.key["checkpoint"] and Path(e.start) == Path(entry.start)]
+        return evaluated[-1] if evaluated else None
+    stages = _read_recipe(next(iter(candidates[0].run_dirs.values()), "")).get("stages", [])
+    last = stages[-1].get("name") if stages else None
+    final = [e for e in candidates if e.key["stage"] == last]
+    return (final or sorted(candidates, key=lambda e: e.timestamp))[-1]
+
+
+def is_named(entry: Entry, name: str) -> bool:
+    """Whether ``name`` names ``entry``: its leaderboard name, one of its run folders or its recipe name."""
+    return name == entry.name or name in entry.runs.values() or name == entry.name.split("/")[0]
+
+
+def choose_baseline(protocol_entries: list[Entry], bases: dict[str, Entry | None],
+                    name: str | None = None) -> Entry | None:
+    """The protocol's baseline: the entry called ``name`` (entry name or run folder), else the most common base."""
+    if name is not None:
+        return next((entry for entry in protocol_entries if is_named(entry, name)), None)
+    counts: dict[int, int] = {}
+    for base in bases.values():
+        if base is not None:
+            counts[id(base)] = counts.get(id(base), 0) + 1
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(e for e in protocol_entries if counts.get(id(e)) == best)
+
+
+def _common_samples(a: Result, b: Result):
+    fingerprints = {s.fingerprint for s in a.samples.values()} | {s.fingerprint for s in b.samples.values()}
+    if not a.samples or not b.samples or len(fingerprints) != 1:
+        return None
+    return list(a.samples.values()), list(b.samples.values())
+
+
+def _paired(a: Result, b: Result) -> PairedTest | None:
+    common = _common_samples(a, b)
+    if common is None:
+        return None
+    samples_a, samples_b = common
+    kind = samples_a[0].record.kind
+    if kind != samples_b[0].record.kind:
+        return None
+    if kind == "mean":
+        scores_a = np.mean([np.asarray(s.record.values, dtype=float) for s in samples_a], axis=0)
+        scores_b = np.mean([np.asarray(s.record.values, dtype=float) for s in samples_b], axis=0)
+        binary = np.isin(scores_a, (0.0, 1.0)).all() and np.isin(scores_b, (0.0, 1.0)).all()
+        if binary and len(samples_a) == 1 and len(samples_b) == 1:
+            return mcnemar_test(scores_a.astype(bool), scores_b.astype(bool), LEVEL)
+        return paired_bootstrap(scores_a, scores_b, LEVEL)
+    statistic = PARTITION_STATISTICS.get(a.metric)
+    if statistic is None or len(samples_a) > 1 or len(samples_b) > 1:
+        return None                       # several seeds: Welch's test over them (a jackknife per seed pair is n²)
+    labels, clusters_a, clusters_b = samples_a[0].labels, samples_a[0].record.values, samples_b[0].record.values
+    keys = np.stack([labels, clusters_a, clusters_b], axis=1)
+    return paired_jackknife(lambda w: statistic(labels, clusters_a, w), lambda w: statistic(labels, clusters_b, w),
+                            keys, LEVEL)
+
+
+def compare_results(a: Result, b: Result, *, entry: str, against: str, relation: str, label: str) -> Comparison | None:
+    """The test of ``a − b`` (see the module docstring); ``None`` when neither records nor seeds allow one."""
+    paired = _paired(a, b)
+    several = len(a.values) >= 2 and len(b.values) >= 2
+    welch = welch_test(list(a.values.values()), list(b.values.values()), LEVEL) if several else None
+    if paired is None and welch is None:
+        return None
+    difference = a.mean - b.mean
+    if paired is not None:
+        low = 100 * paired.low if paired.low is not None else None
+        high = 100 * paired.high if paired.high is not None else None
+        p, method = paired.p_value, paired.method
+        significant = paired.significant and (welch is None or welch.significant)
+        if welch is not None:
+            method += f"; {welch.method} p={welch.p_value:.2g}"
+            p = max(p, welch.p_value)
+    else:
+        low, high, p, method, significant = welch.low, welch.high, welch.p_value, welch.method, welch.significant
+    return Comparison(entry, against, relation, label, difference, low, high, p, method, significant)

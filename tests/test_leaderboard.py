@@ -1,0 +1,193 @@
+"""The leaderboard on synthetic run folders: headline columns per protocol, intervals, tests against a base and a
+baseline, budgets, Markdown, CSV, plots and the commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sslbench.cli import main
+from sslbench.core.evaluator import PerSample
+from sslbench.core.registry import build_registry
+from sslbench.results import leaderboard
+from sslbench.results.budget import format_budget, run_budget
+from sslbench.results.metrics import collect_runs, write_metrics
+from sslbench.results.predictions import write_predictions
+from sslbench.results.statistics import binomial_interval
+
+REGISTRY = build_registry()
+CLASSES = {name: REGISTRY.get("evaluator", name).factory for name in REGISTRY.names("evaluator")}
+LABELS = np.arange(450) % 10                                         # a 450-image test set, like the digits'
+
+
+def make_run(root: Path, name: str, results: list[tuple[str, str, dict, object]], *, seed: int = 0,
+             start: str = "scratch", protocol: str = "p" * 16, stage: str = "train", log=None,
+             checkpoint_format: str = "sslbench") -> Path:
+    """A run folder as `sslbench run` leaves it. ``results``: (evaluator, metric, fields, per-sample scores or a
+    plain value); scores are recorded in predictions.npz, the row's value is their mean in percent."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    recipe = {"stages": [{"name": stage, "batch_size": 100, "epochs": None}],
+              "backbone": {"checkpoint": None if start == "scratch" else start,
+                           "checkpoint_format": checkpoint_format}}
+    (run_dir / "recipe.json").write_text(json.dumps({"recipe_hash": "h" * 64, "recipe": recipe}))
+    rows, records = [], []
+    recipe_name = name.rsplit("-seed", 1)[0]
+    for evaluator, metric, fields, scores in results:
+        from sslbench.core.evaluator import format_variant
+
+        value = 100 * float(np.mean(scores)) if isinstance(scores, np.ndarray) else float(scores)
+        row = dict(run_id=name, recipe_hash="h" * 16, protocol_hash=protocol, objective=recipe_name.split("_")[0],
+                   backbone="vit", dataset="digits", checkpoint=f"{start} → {recipe_name}/{stage}", seed=seed,
+                   stage=stage, evaluator=evaluator, metric=metric, variant=format_variant(fields), fields=fields,
+                   value=value)
+        rows.append(row)
+        if isinstance(scores, np.ndarray):
+            records.append((row, PerSample("mean", scores)))
+    write_metrics(run_dir, rows)
+    if records:
+        write_predictions(run_dir, records, LABELS)
+    lines = log or [{"stage": 0, "step": 10, "epoch": 0.5, "images_per_s": 100.0},
+                    {"stage": 0, "step": 20, "epoch": 1.0, "images_per_s": 50.0}]
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run_dir
+
+
+def correct(n_right: int, offset: int = 0) -> np.ndarray:
+    """0/1 scores: the first ``n_right`` test images (shifted by ``offset``) right."""
+    scores = np.zeros(len(LABELS), dtype=bool)
+    scores[offset:offset + n_right] = True
+    return scores
+
+
+def knn(scores, k: int = 20) -> tuple:
+    return ("knn", "top1", {"k": k, "feature": "b5.cls.normed", "std": False}, scores)
+
+
+def test_headline_columns_are_chosen_per_protocol_from_its_evaluators(tmp_path):
+    make_run(tmp_path, "a", [knn(correct(300), 10), knn(correct(310), 20),
+                             ("knn", "top5", {"k": 20, "feature": "b5.cls.normed", "std": False}, correct(400)),
+                             ("linear_probe", "top1", {"head": "best", "stream": "normed"}, correct(350)),
+                             ("linear_probe", "val_top1", {"head": "best", "stream": "normed"}, 90.0),
+                             ("linear_probe", "top1", {"head": "last1", "stream": "normed"}, correct(340))],
+             protocol="A" * 16)
+    per_block = [("per_block", "top1", {"k": 20, "block": b, "stream": s, "std": False}, correct(200 + 30 * b - b * b))
+                 for b in range(6) for s in ("raw", "normed")]
+    make_run(tmp_path, "b", [("low_shot", "top1", {"setting": "1shot", "feature": "b5"}, 40.0),
+                             ("low_shot", "top1", {"setting": "5shot", "feature": "b5"}, 60.0),
+                             ("low_shot", "top1_std", {"setting": "5shot", "feature": "b5"}, 1.0),
+                             ("low_shot", "top1", {"setting": "10pct", "feature": "b5"}, 70.0),
+                             ("clustering", "acc", {"split": "test", "feature": "b5"}, correct(150)),
+                             ("clustering", "nmi", {"split": "test", "feature": "b5"}, 33.0), *per_block],
+             protocol="B" * 16)
+    board = leaderboard.build(collect_runs(tmp_path), evaluator_classes=CLASSES)
+    first, second = board.protocols
+    assert first.labels == ["k-NN top-1", "linear top-1"]
+    assert second.labels == ["10% labels", "5-shot", "cluster ACC", "cluster NMI", "best block"]
+    assert first.headlines["a/train"]["k-NN top-1"].fields["k"] == 20                 # DINO's k where measured
+    best = second.headlines["b/train"]["best block"]
+    assert best.fields == {"k": 20, "block": 5, "stream": "normed", "std": False}       # 200 + 30b − b² peaks at 5
+    markdown = (leaderboard.write(board, tmp_path) and (tmp_path / "leaderboard.md").read_text())
+    assert "| 5 of 6 (" in markdown and "## digits · protocol AAAAAAAAAAAA" in markdown
+    assert max(len(line) for line in markdown.splitlines()) <= 200
+
+
+def test_one_seed_gets_the_exact_interval_of_its_test_samples(tmp_path):
+    make_run(tmp_path, "a", [knn(correct(294))])
+    result = leaderboard.build(collect_runs(tmp_path), evaluator_classes=CLASSES).entries[0].results[
+        ("knn", "top1", "k=20,b5.cls.normed")]
+    expected = binomial_interval(294, 450)
+    assert (result.interval.low, result.interval.high) == pytest.approx((100 * expected.low, 100 * expected.high))
+    assert result.mean == pytest.approx(100 * 294 / 450) and "Clopper-Pearson" in result.interval.method
+
+
+def test_a_refinement_is_tested_against_its_base(tmp_path):
+    start = str(tmp_path / "base" / "checkpoints" / "backbone.pt")
+    make_run(tmp_path, "base", [knn(correct(300))])
+    make_run(tmp_path, "better", [knn(correct(340))], start=start)      # right on the base's 300 and 40 more
+    make_run(tmp_path, "noise", [knn(correct(302))], start=start)       # 2 more: not a real difference
+    make_run(tmp_path, "other", [knn(correct(300, offset=150))])        # not started from the base
+    board = leaderboard.build(collect_runs(tmp_path), evaluator_classes=CLASSES)
+    protocol, = board.protocols
+    assert protocol.bases["better/train"].name == "base/train" and protocol.bases["other/train"] is None
+    assert protocol.baseline.name == "base/train"                        # the base of the most rows
+    tests = {(c.entry, c.relation): c for c in protocol.comparisons}
+    better = tests[("better/train", "base")]
+    # McNemar: 40 discordant samples all in favour → p = 2 · 0.5⁴⁰
+    assert better.significant and better.p_value == pytest.approx(2 * 0.5 ** 40)
+    assert better.difference == pytest.approx(100 * 40 / 450) and "McNemar" in better.method
+    assert not tests[("noise/train", "base")].significant
+    other = tests[("other/train", "baseline")]                           # same accuracy, other images right
+    assert other.difference == pytest.approx(0.0) and not other.significant
+    cells = {line.split("|")[1].strip(): line for line in leaderboard_markdown_lines(board)}
+    assert "▲" in cells["better/train"] and "▲" not in cells["noise/train"] and "▼" not in cells["noise/train"]
+
+
+def leaderboard_markdown_lines(board) -> list[str]:
+    from sslbench.results.markdown import leaderboard_markdown
+
+    text = leaderboard_markdown(board)
+    headline = text.split("| run | objective |", 1)[1].split("\n\n", 1)[0]
+    return [line for line in headline.splitlines()[2:] if line.startswith("|")]
+
+
+def test_several_seeds_need_the_seed_test_to_agree(tmp_path):
+    """A paired test over test samples alone would call a difference of one lucky seed significant."""
+    start = str(tmp_path / "base-seed0" / "checkpoints" / "backbone.pt")
+    for seed, right in enumerate((300, 305, 295)):
+        make_run(tmp_path, f"base-seed{seed}", [knn(correct(right))], seed=seed)
+    for seed, right in enumerate((380, 290, 300)):                       # one seed far ahead, the others not
+        make_run(tmp_path, f"ref-seed{seed}", [knn(correct(right))], seed=seed, start=start)
+    protocol, = leaderboard.build(collect_runs(tmp_path), evaluator_classes=CLASSES).protocols
+    test = next(c for c in protocol.comparisons if c.entry == "ref/train" and c.relation == "base")
+    assert "paired bootstrap" in test.method and "Welch" in test.method
+    assert not test.significant
+    entry = next(e for e in protocol.entries if e.name == "ref/train")
+    assert entry.seeds == 3 and entry.results[("knn", "top1", "k=20,b5.cls.normed")].interval.method.startswith(
+        "t over 3")
+
+
+def test_budget_is_read_from_the_log(tmp_path):
+    run_dir = make_run(tmp_path, "a", [knn(correct(300))])
+    budget = run_budget(run_dir)
+    # 10 steps of 100 images at 100 img/s, then 10 more at 50 img/s: 10 s + 20 s of training
+    assert (budget.epochs, budget.images, budget.seconds, budget.steps) == (1.0, 2000, 30.0, 20)
+    assert format_budget(budget) == "1 ep · 2k img · 30 s" and format_budget(None) == "eval only"
+    (run_dir / "log.jsonl").write_text('{"stage": 0, "step": 5, "images_per_s": 10}\n{"stage": 0, "st')  # cut
+    assert run_budget(run_dir).images == 500 and run_budget(run_dir).epochs is None
+
+
+def test_leaderboard_files_and_plots_from_the_command(tmp_path, capsys):
+    from PIL import Image
+
+    start = str(tmp_path / "base" / "checkpoints" / "backbone.pt")
+    blocks = [("per_block", "top1", {"k": 20, "block": b, "stream": "normed", "std": False}, correct(250 + 10 * b))
+              for b in range(4)]
+    make_run(tmp_path, "base", [knn(correct(300)), *blocks])
+    make_run(tmp_path, "ref", [knn(correct(330)), *blocks], start=start)
+    assert main(["leaderboard", str(tmp_path), "--plots"]) == 0
+    out = capsys.readouterr().out
+    assert "2 rows in 1 protocol(s)" in out
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == ["headline_digits_pppppppppppp.png", "per_block_digits_pppppppppppp.png"]
+    assert all(Image.open(tmp_path / "plots" / n).size[0] > 400 for n in names)
+    long = pd.read_csv(tmp_path / "leaderboard_long.csv")
+    assert len(long) == 2 * 5 and set(long["entry"]) == {"base/train", "ref/train"}
+    headline = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert list(headline["entry"]) == ["base/train", "ref/train"] and headline["k-NN top-1 vs base p"].notna().sum() == 1
+    assert (tmp_path / "leaderboard_details.md").read_text().count("### ") == 2          # knn, per_block
+    assert main(["leaderboard", str(tmp_path), "--baseline", "nobody"]) == 2
+    assert "--baseline" in capsys.readouterr().err
+    assert main(["leaderboard", str(tmp_path / "missing")]) == 2
+
+
+def test_value_axis_zooms_only_when_the_values_are_close():
+    from sslbench.results.board_plots import value_axis
+
+    assert value_axis([20.0, 60.0], [30.0, 80.0]) == (0.0, 100.0, False)
+    low, high, zoomed = value_axis([80.1, 80.5], [80.9, 81.3])
+    assert zoomed and low == pytest.approx(79.1) and high == pytest.approx(82.3)
