@@ -90,11 +90,15 @@ def plot_protocol_headline(protocol, path: str | os.PathLike) -> Path | None:
     if not labels:
         return None
     names = [e.name for e in protocol.entries]
+    columns = min(3, len(labels))                      # panels wrap in rows of three: readable on a page
+    rows = math.ceil(len(labels) / columns)
     plt = pyplot()
-    figure, panels = plt.subplots(1, len(labels), figsize=(2.6 * len(labels) + 2.5, 0.42 * len(names) + 1.6),
+    figure, panels = plt.subplots(rows, columns, figsize=(3.4 * columns + 2.2, rows * (0.32 * len(names) + 1.3)),
                                   sharey=True, squeeze=False)
     try:
-        for axes, label in zip(panels[0], labels):
+        for extra in panels.flat[len(labels):]:
+            extra.set_visible(False)
+        for axes, label in zip(panels.flat, labels):
             lows, highs = [], []
             for i, entry in enumerate(protocol.entries):
                 result = protocol.headlines.get(entry.name, {}).get(label)
@@ -111,9 +115,10 @@ def plot_protocol_headline(protocol, path: str | os.PathLike) -> Path | None:
                 axes.set_xlabel(f"%  (zoomed: axis starts at {start:.0f}, not 0)" if zoomed else "%", fontsize=7)
             axes.set_title(label, fontsize=9)
             axes.grid(axis="x", alpha=0.3)
-        panels[0][0].set_yticks(range(len(names)))
-        panels[0][0].set_yticklabels(names, fontsize=8)
-        panels[0][0].invert_yaxis()
+        for row in panels:
+            row[0].set_yticks(range(len(names)))
+            row[0].set_yticklabels(names, fontsize=8)
+        panels[0][0].set_ylim(len(names) - 0.5, -0.5)          # first row on top (shared by every panel)
         figure.suptitle(f"{protocol.title}: headline metrics, 95% intervals", fontsize=9)
         figure.tight_layout()
         return save_figure(figure, Path(path))

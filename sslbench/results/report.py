@@ -31,7 +31,7 @@ th[aria-sort="ascending"]::after { content: " \\2191"; color: #222; }
 th[aria-sort="descending"]::after { content: " \\2193"; color: #222; }
 .sig { font-weight: 600; } img { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
 .note { color: #555; font-size: 13px; } details { margin: 0.6em 0 1.2em; } code { font-size: 12px; }
-.files a { margin-right: 0.5em; }
+.files { white-space: nowrap; font-size: 12px; } .budget { white-space: nowrap; }
 """
 
 # Sorting: numbers by their leading value ("80.9 ± 0.8 ▲" sorts as 80.9), text alphabetically, empty cells last.
@@ -89,11 +89,13 @@ def _run_links(entry, page_dir: Path) -> str:
     links = []
     for seed in sorted(entry.run_dirs):
         run_dir = Path(entry.run_dirs[seed])
-        files = [name for name in ("recipe.toml", "recipe.json", "log.jsonl", "metrics.csv")
+        files = [(name, label) for name, label in (("recipe.toml", "recipe"), ("recipe.json", "json"),
+                                                   ("log.jsonl", "log"), ("metrics.csv", "metrics"))
                  if (run_dir / name).is_file()]
         target = Path(os.path.relpath(run_dir, page_dir)).as_posix()
-        anchors = " ".join(f'<a href="{_e(target + "/" + name)}">{_e(name)}</a>' for name in files)
-        links.append(f'<span class="files">{_e(entry.runs[seed])}: {anchors}</span>')
+        anchors = " · ".join(f'<a href="{_e(target + "/" + name)}" title="{_e(entry.runs[seed] + "/" + name)}">'
+                             f'{label}</a>' for name, label in files)
+        links.append(f'<span class="files">seed {seed}: {anchors}</span>')
     return "<br>".join(links)
 
 
@@ -105,7 +107,7 @@ def _protocol_html(protocol, page_dir: Path, plots_dir: Path) -> str:
                  f'{", ".join(f"<code>{_e(b)}</code>" for b in backbones)}.{baseline}</p>')
     header = ["run", "objective", "from", "seeds", "budget", *protocol.labels, "files"]
     rows = [[_e(e.name), _e(e.key["objective"]), _e(short_start(e)), str(e.seeds),
-             _e(format_budget(protocol.budgets.get(e.name))),
+             f'<span class="budget">{_e(format_budget(protocol.budgets.get(e.name)))}</span>',
              *[_e(headline_cell(protocol, e, label)) for label in protocol.labels], _run_links(e, page_dir)]
             for e in protocol.entries]
     numeric = [False, False, False, True, False, *[True] * len(protocol.labels), False]
