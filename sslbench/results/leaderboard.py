@@ -158,7 +158,8 @@ def _fill(protocol: Protocol, classes: dict, baseline: str | None) -> None:
         protocol.budgets[entry.name] = run_budget(runs[0]) if runs else None
     protocol.baseline = choose_baseline(protocol.entries, protocol.bases, baseline)
     for entry in protocol.entries:
-        against = [("base", protocol.bases[entry.name]), ("baseline", protocol.baseline)]
+        base = protocol.bases[entry.name]
+        against = [("base", base), ("baseline", protocol.baseline if protocol.baseline is not base else None)]
         for relation, other in against:
             if other is None or other is entry:
                 continue

@@ -75,11 +75,17 @@ def headline_cell(protocol, entry: Entry, label: str) -> str:
     return format_value(result.mean, result.interval) + (f" {mark}" if mark else "")
 
 
+def evaluators_of(protocol) -> list[str]:
+    """The evaluators whose results a protocol's rows hold, in the order they ran."""
+    return list(dict.fromkeys(r.evaluator for e in protocol.entries for r in e.results.values()))
+
+
 def _protocol_section(protocol) -> str:
     backbones = sorted({e.key["backbone"] for e in protocol.entries})
     lines = [f"## {protocol.title}\n"]
     lines.append(f"Backbone: `{backbones[0]}`." if len(backbones) == 1 else
                  f"Backbones: {', '.join(f'`{b}`' for b in backbones)}.")
+    lines[-1] += f" Evaluators: {', '.join(evaluators_of(protocol))}."
     if protocol.baseline is not None:
         lines[-1] += f" Baseline: **{protocol.baseline.name}**."
     lines.append("")
@@ -125,8 +131,7 @@ def details_markdown(board) -> str:
              "Cells as in `leaderboard.md` (`mean ± half-width of the 95% interval`, when one is known).\n"]
     for protocol in board.protocols:
         lines.append(f"## {protocol.title}\n")
-        evaluators = list(dict.fromkeys(r.evaluator for e in protocol.entries for r in e.results.values()))
-        for evaluator in evaluators:
+        for evaluator in evaluators_of(protocol):
             columns = list(dict.fromkeys(r.column for e in protocol.entries for r in e.results.values()
                                          if r.evaluator == evaluator))
             for start in range(0, len(protocol.entries), DETAIL_COLUMNS):

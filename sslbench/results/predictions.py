@@ -7,8 +7,8 @@ labels once per run and their fingerprint — two runs are compared sample by sa
 match, i.e. on the same test images in the same order.
 
 The file is small enough to commit for reference runs: 0/1 scores are bit-packed (10,000 test images: 1.25 KB per
-result, less compressed), fractions are float32, cluster ids int16. It holds only arrays and one JSON index, read
-with ``allow_pickle=False``: opening a foreign file cannot run code.
+result, less compressed), shares of splits (k of 3) take one byte each, cluster ids two. It holds only arrays and
+one JSON index, read with ``allow_pickle=False``: opening a foreign file cannot run code.
 """
 
 from __future__ import annotations
@@ -55,12 +55,18 @@ def _encode(record: PerSample) -> tuple[str, np.ndarray]:
     as_float = values.astype(np.float64)
     if np.isin(as_float, (0.0, 1.0)).all():
         return "bits", np.packbits(as_float.astype(bool))
+    for denominator in range(2, 256):       # shares of splits (k/3): one byte each, decoded exactly as k/3
+        numerators = np.rint(as_float * denominator)
+        if (numerators / denominator == as_float).all():
+            return f"fraction/{denominator}", numerators.astype(np.uint8)
     return "float64", as_float
 
 
 def _decode(encoding: str, data: np.ndarray, n: int) -> np.ndarray:
     if encoding == "bits":
         return np.unpackbits(data, count=n).astype(bool)
+    if encoding.startswith("fraction/"):
+        return data.astype(np.float64) / int(encoding.split("/", 1)[1])
     return data.astype(np.int64 if encoding == "int16" else np.float64)
 
 

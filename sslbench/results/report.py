@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sslbench.results.board_plots import plot_name, plot_protocol_headline, plot_protocol_per_block
 from sslbench.results.budget import format_budget
-from sslbench.results.markdown import INTRODUCTION, format_value, headline_cell, short_start
+from sslbench.results.markdown import INTRODUCTION, evaluators_of, format_value, headline_cell, short_start
 
 __all__ = ["render_report", "write_report"]
 
@@ -104,7 +104,8 @@ def _protocol_html(protocol, page_dir: Path, plots_dir: Path) -> str:
     backbones = sorted({e.key["backbone"] for e in protocol.entries})
     baseline = f" Baseline: <b>{_e(protocol.baseline.name)}</b>." if protocol.baseline is not None else ""
     parts.append(f'<p class="note">Backbone{"s" if len(backbones) > 1 else ""}: '
-                 f'{", ".join(f"<code>{_e(b)}</code>" for b in backbones)}.{baseline}</p>')
+                 f'{", ".join(f"<code>{_e(b)}</code>" for b in backbones)}. '
+                 f'Evaluators: {_e(", ".join(evaluators_of(protocol)))}.{baseline}</p>')
     header = ["run", "objective", "from", "seeds", "budget", *protocol.labels, "files"]
     rows = [[_e(e.name), _e(e.key["objective"]), _e(short_start(e)), str(e.seeds),
              f'<span class="budget">{_e(format_budget(protocol.budgets.get(e.name)))}</span>',
