@@ -171,16 +171,18 @@ def test_entries_read_the_variant_fields_and_parse_old_rows(tmp_path: Path) -> N
     assert fields_from_variant("test,b-1.mean.raw,ema") == {"split": "test", "feature": "b-1.mean.raw", "ema": True}
 
 
-def test_long_form_has_one_row_per_entry_and_result(tmp_path: Path) -> None:
+def test_long_form_has_one_row_per_run_and_result(tmp_path: Path) -> None:
     _synthetic_runs(tmp_path)
     frame = long_form(build_entries(collect_runs(tmp_path)))
-    assert len(frame) == 5                    # ref: k=20, k=10; other protocol: k=20; mae: k=20, k=100
+    # ref: 3 seeds of k=20 and 2 of k=10; the other protocol: 1; mae: k=20 and k=100 (the replaced run is gone)
+    assert len(frame) == 3 + 2 + 1 + 2
     ref = frame[(frame["objective"] == "mae+mim_refiner") & (frame["protocol_hash"] == "proto-A")]
-    k10 = ref[ref["variant"] == "k=10"].iloc[0]
-    assert k10["seeds"] == 2 and k10["value"] == pytest.approx(80.0) and k10["runs"] == "ref-seed0;ref-seed1"
-    assert json.loads(k10["seed_values"]) == [[0, 79.0], [1, 81.0]] and k10["interval"].startswith("t over 2")
+    k10 = ref[ref["variant"] == "k=10"].sort_values("seed")
+    assert list(k10["run_id"]) == ["ref-seed0", "ref-seed1"] and list(k10["value"]) == [79.0, 81.0]
+    assert (k10["entry_mean"] == 80.0).all() and (k10["seeds"] == 2).all()
+    assert k10["entry_interval"].iloc[0].startswith("t over 2") and k10["low"].isna().all()   # no records here
     for column in ("dataset", "backbone", "entry", "start", "evaluator", "metric", "hardware", "versions",
-                   "recipe_hash", "low", "high", "half_width"):
+                   "recipe_hash", "entry_low", "entry_high", "fields", "test_set"):
         assert column in frame
 
 

@@ -245,25 +245,32 @@ def interval_of(result: Result, confidence: float = CONFIDENCE) -> Interval | No
 
 
 def long_form(entries: list[Entry]) -> pd.DataFrame:
-    """One row per entry × result with every identifying column — the table pandas users pivot as they like."""
+    """One row per run × result with every identifying column — the table pandas users pivot as they like. A row
+    holds the run's own value and its interval over test samples (``low``/``high``, when it has a per-sample
+    record), and its entry's mean over seeds with the entry's interval (``entry_*``)."""
     records: list[dict[str, Any]] = []
     for entry in entries:
         for result in entry.results.values():
-            interval = result.interval
-            fingerprints = {s.fingerprint for s in result.samples.values()}
-            records.append({
-                "dataset": entry.key["dataset"], "protocol_hash": entry.protocol, "backbone": entry.key["backbone"],
-                "objective": entry.key["objective"], "entry": entry.name, "start": entry.start,
-                "checkpoint": entry.key["checkpoint"], "stage": entry.key["stage"],
-                "evaluator": result.evaluator, "metric": result.metric, "variant": result.variant,
-                "fields": json.dumps(result.fields),
-                "value": result.mean,
-                "low": interval.low if interval else np.nan, "high": interval.high if interval else np.nan,
-                "half_width": interval.half_width if interval else np.nan,
-                "interval": interval.method if interval else "",
-                "seeds": len(result.values), "seed_values": json.dumps(sorted(result.values.items())),
-                "runs": ";".join(entry.runs[s] for s in sorted(result.values) if s in entry.runs),
-                "test_set": ";".join(sorted(fingerprints)), "selection_split": result.selection_split,
-                "recipe_hash": entry.recipe_hash, "hardware": entry.hardware, "versions": entry.versions,
-                "timestamp": entry.timestamp})
+            aggregate = result.interval
+            for seed in sorted(result.values):
+                single = Result(result.evaluator, result.metric, result.variant, result.fields,
+                                {seed: result.values[seed]},
+                                {seed: result.samples[seed]} if seed in result.samples else {})
+                interval = interval_of(single)
+                sample = result.samples.get(seed)
+                records.append({
+                    "dataset": entry.key["dataset"], "protocol_hash": entry.protocol,
+                    "backbone": entry.key["backbone"], "objective": entry.key["objective"], "entry": entry.name,
+                    "run_id": entry.runs.get(seed, ""), "seed": seed, "start": entry.start,
+                    "checkpoint": entry.key["checkpoint"], "stage": entry.key["stage"],
+                    "evaluator": result.evaluator, "metric": result.metric, "variant": result.variant,
+                    "fields": json.dumps(result.fields), "value": result.values[seed],
+                    "low": interval.low if interval else np.nan, "high": interval.high if interval else np.nan,
+                    "interval": interval.method if interval else "",
+                    "entry_mean": result.mean, "entry_low": aggregate.low if aggregate else np.nan,
+                    "entry_high": aggregate.high if aggregate else np.nan,
+                    "entry_interval": aggregate.method if aggregate else "", "seeds": len(result.values),
+                    "test_set": sample.fingerprint if sample else "", "selection_split": result.selection_split,
+                    "recipe_hash": entry.recipe_hash, "hardware": entry.hardware, "versions": entry.versions,
+                    "timestamp": entry.timestamp})
     return pd.DataFrame.from_records(records)

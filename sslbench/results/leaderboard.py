@@ -6,7 +6,8 @@ Files written into the results folder (the folder that holds the run folders):
 * ``leaderboard.md`` — per protocol a headline table (a handful of columns a reader compares, ``mean ± half-width
   of the 95% interval``), the tested differences, and the runs behind each row (recipe hash, hardware, versions);
 * ``leaderboard.csv`` — the headline tables as one machine-readable table (mean, low, high per headline column);
-* ``leaderboard_long.csv`` — one row per entry × metric × variant with every identifying column, to pivot in pandas;
+* ``leaderboard_long.csv`` — one row per run × metric × variant with every identifying column, the run's value
+  and interval and its entry's mean and interval, to pivot in pandas;
 * ``leaderboard_details.md`` — per protocol and evaluator, every result (rows) of every entry (columns).
 
 Headline columns are chosen per protocol by the evaluators themselves
