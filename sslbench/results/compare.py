@@ -148,14 +148,22 @@ def compare_results(a: Result, b: Result, *, entry: str, against: str, relation:
     if paired is None and welch is None:
         return None
     difference = a.mean - b.mean
+    if paired is not None and welch is not None:
+        # both must reject; the reported p and interval are those of the test that is less sure
+        significant = paired.significant and welch.significant
+        method = f"{paired.method} (p={paired.p_value:.2g}) and {welch.method} (p={welch.p_value:.2g})"
+        if welch.p_value >= paired.p_value:
+            return Comparison(entry, against, relation, label, difference, welch.low, welch.high, welch.p_value,
+                              method, significant)
+        low, high = _percent(paired.low), _percent(paired.high)
+        return Comparison(entry, against, relation, label, difference, low, high, paired.p_value, method,
+                          significant)
     if paired is not None:
-        low = 100 * paired.low if paired.low is not None else None
-        high = 100 * paired.high if paired.high is not None else None
-        p, method = paired.p_value, paired.method
-        significant = paired.significant and (welch is None or welch.significant)
-        if welch is not None:
-            method += f"; {welch.method} p={welch.p_value:.2g}"
-            p = max(p, welch.p_value)
-    else:
-        low, high, p, method, significant = welch.low, welch.high, welch.p_value, welch.method, welch.significant
-    return Comparison(entry, against, relation, label, difference, low, high, p, method, significant)
+        return Comparison(entry, against, relation, label, difference, _percent(paired.low), _percent(paired.high),
+                          paired.p_value, paired.method, paired.significant)
+    return Comparison(entry, against, relation, label, difference, welch.low, welch.high, welch.p_value,
+                      welch.method, welch.significant)
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else 100 * value

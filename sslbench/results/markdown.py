@@ -6,6 +6,7 @@ Written by hand rather than with ``DataFrame.to_markdown`` to avoid a dependency
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from sslbench.results.aggregate import Entry, Result
@@ -75,6 +76,15 @@ def headline_cell(protocol, entry: Entry, label: str) -> str:
     return format_value(result.mean, result.interval) + (f" {mark}" if mark else "")
 
 
+def run_folders(entry: Entry) -> str:
+    """``digits_mae-seed{0,1,2}`` for the seeds of one recipe, else the folder names."""
+    names = [entry.runs[s] for s in sorted(entry.runs)]
+    matches = [re.fullmatch(r"(.+)-seed(\d+)", n) for n in names]
+    if len(names) > 1 and all(matches) and len({m.group(1) for m in matches}) == 1:
+        return f"{matches[0].group(1)}-seed{{{','.join(m.group(2) for m in matches)}}}"
+    return ", ".join(names)
+
+
 def evaluators_of(protocol) -> list[str]:
     """The evaluators whose results a protocol's rows hold, in the order they ran."""
     return list(dict.fromkeys(r.evaluator for e in protocol.entries for r in e.results.values()))
@@ -85,9 +95,8 @@ def _protocol_section(protocol) -> str:
     lines = [f"## {protocol.title}\n"]
     lines.append(f"Backbone: `{backbones[0]}`." if len(backbones) == 1 else
                  f"Backbones: {', '.join(f'`{b}`' for b in backbones)}.")
-    lines[-1] += f" Evaluators: {', '.join(evaluators_of(protocol))}."
-    if protocol.baseline is not None:
-        lines[-1] += f" Baseline: **{protocol.baseline.name}**."
+    lines.append(f"Evaluators: {', '.join(evaluators_of(protocol))}." + (
+        f" Baseline: **{protocol.baseline.name}**." if protocol.baseline is not None else ""))
     lines.append("")
     header = ["run", "objective", "from", "seeds", "budget", *protocol.labels]
     rows = [[e.name, e.key["objective"], short_start(e), str(e.seeds), format_budget(protocol.budgets.get(e.name)),
@@ -103,10 +112,9 @@ def _protocol_section(protocol) -> str:
                          ci, f"{c.p_value:.2g}", c.method])
         lines.append(table(["run", "vs", "metric", "Δ", "95% CI of Δ", "p", "test"], rows,
                            [False, False, False, True, True, True, False]))
-    rows = [[e.name, ", ".join(e.runs[s] for s in sorted(e.runs)), e.recipe_hash, e.hardware, e.versions]
-            for e in protocol.entries]
+    rows = [[e.name, run_folders(e), e.recipe_hash, e.hardware, e.versions] for e in protocol.entries]
     lines.append("Runs:\n")
-    lines.append(table(["run", "run folders", "recipe", "hardware", "versions"], rows))
+    lines.append(table(["run", "run folders", "recipe hash (latest)", "hardware", "versions"], rows))
     return "\n".join(lines)
 
 

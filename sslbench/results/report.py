@@ -31,7 +31,7 @@ th[aria-sort="ascending"]::after { content: " \\2191"; color: #222; }
 th[aria-sort="descending"]::after { content: " \\2193"; color: #222; }
 .sig { font-weight: 600; } img { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
 .note { color: #555; font-size: 13px; } details { margin: 0.6em 0 1.2em; } code { font-size: 12px; }
-.files { white-space: nowrap; font-size: 12px; } .budget { white-space: nowrap; }
+.files { white-space: nowrap; font-size: 12px; } .budget { white-space: nowrap; } .hardware { font-size: 11px; color: #666; }
 """
 
 # Sorting: numbers by their leading value ("80.9 ± 0.8 ▲" sorts as 80.9), text alphabetically, empty cells last.
@@ -108,7 +108,8 @@ def _protocol_html(protocol, page_dir: Path, plots_dir: Path) -> str:
                  f'Evaluators: {_e(", ".join(evaluators_of(protocol)))}.{baseline}</p>')
     header = ["run", "objective", "from", "seeds", "budget", *protocol.labels, "files"]
     rows = [[_e(e.name), _e(e.key["objective"]), _e(short_start(e)), str(e.seeds),
-             f'<span class="budget">{_e(format_budget(protocol.budgets.get(e.name)))}</span>',
+             f'<span class="budget" title="{_e(e.hardware)}">{_e(format_budget(protocol.budgets.get(e.name)))}'
+             f'</span><br><span class="hardware">{_e(e.hardware)}</span>',
              *[_e(headline_cell(protocol, e, label)) for label in protocol.labels], _run_links(e, page_dir)]
             for e in protocol.entries]
     numeric = [False, False, False, True, False, *[True] * len(protocol.labels), False]

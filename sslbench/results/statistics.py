@@ -208,7 +208,8 @@ def paired_bootstrap(a_correct, b_correct, level: float = 0.05, resamples: int =
     a, b = _paired(a_correct, b_correct, dtype=float)
     diff = a - b
     means = _resampled_means(diff, resamples, seed)
-    return _paired_result(float(diff.mean()), means, not diff.any(), level, f"paired bootstrap, {resamples} resamples")
+    method = "paired bootstrap" + (f", {resamples} resamples" if resamples != 2000 else "")    # 2000: docs
+    return _paired_result(float(diff.mean()), means, not diff.any(), level, method)
 
 
 def paired_jackknife(statistic_a, statistic_b, keys, level: float = 0.05) -> PairedTest:
@@ -244,9 +245,9 @@ def welch_test(a_values, b_values, level: float = 0.05) -> PairedTest:
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     if va + vb == 0:
         return PairedTest(difference, 1.0 if difference == 0 else 0.0, difference, difference,
-                          f"Welch t over {len(a)} and {len(b)} seeds (no spread)", level)
+                          f"Welch t, {len(a)}+{len(b)} seeds (no spread)", level)
     dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     half = float(stats.t.ppf(1 - level / 2, dof) * math.sqrt(va + vb))
     p = float(2 * stats.t.sf(abs(difference) / math.sqrt(va + vb), dof))
     return PairedTest(difference, p, difference - half, difference + half,
-                      f"Welch t over {len(a)} and {len(b)} seeds", level)
+                      f"Welch t, {len(a)}+{len(b)} seeds", level)
