@@ -142,10 +142,17 @@ def test_several_seeds_need_the_seed_test_to_agree(tmp_path):
         make_run(tmp_path, f"base-seed{seed}", [knn(correct(right))], seed=seed)
     for seed, right in enumerate((380, 290, 300)):                       # one seed far ahead, the others not
         make_run(tmp_path, f"ref-seed{seed}", [knn(correct(right))], seed=seed, start=start)
+    for seed, right in enumerate((330, 332, 329)):                       # from scratch, steadily ahead
+        make_run(tmp_path, f"steady-seed{seed}", [knn(correct(right))], seed=seed)
     protocol, = leaderboard.build(collect_runs(tmp_path), evaluator_classes=CLASSES).protocols
-    test = next(c for c in protocol.comparisons if c.entry == "ref/train" and c.relation == "base")
-    assert "paired bootstrap" in test.method and "Welch" in test.method
-    assert not test.significant
+    tests = {(c.entry, c.relation): c for c in protocol.comparisons}
+    # the refinement's three seeds all started from seed 0's checkpoint: compared with that model alone
+    ref = tests[("ref/train", "base")]
+    assert ref.against == "base/train (seed 0)" and ref.difference == pytest.approx(100 * (970 / 3 - 300) / 450)
+    assert "paired bootstrap" in ref.method and "3 seeds vs 1" in ref.method and not ref.significant
+    # two recipes with three seeds each: Welch's test over the seeds, and it agrees with the paired test here
+    steady = tests[("steady/train", "baseline")]
+    assert "Welch" in steady.method and steady.significant and steady.against == "base/train"
     entry = next(e for e in protocol.entries if e.name == "ref/train")
     assert entry.seeds == 3 and entry.results[("knn", "top1", "k=20,b5.cls.normed")].interval.method.startswith(
         "t over 3")

@@ -131,3 +131,16 @@ def test_paired_tests_of_fractions_statistics_and_seeds():
     assert welch.low < welch.difference < welch.high and welch.significant
     with pytest.raises(ValueError):
         welch_test([1.0], [2.0, 3.0])
+
+
+def test_seed_test_chooses_welch_or_the_one_sample_test():
+    from sslbench.results.statistics import seed_test
+
+    refined, base = [64.2, 63.1, 65.0], 61.0
+    test = seed_test(refined, [base])
+    assert test.p_value == pytest.approx(stats.ttest_1samp(refined, base).pvalue, rel=1e-9)
+    assert test.difference == pytest.approx(np.mean(refined) - base) and test.low < test.difference < test.high
+    flipped = seed_test([base], refined)                                  # b − a: the same test, mirrored
+    assert (flipped.difference, flipped.low, flipped.high) == pytest.approx((-test.difference, -test.high, -test.low))
+    assert "Welch" in seed_test(refined, [60.0, 61.5]).method
+    assert seed_test([1.0], [2.0]) is None

@@ -66,6 +66,15 @@ class Result:
     def mean(self) -> float:
         return float(np.mean(list(self.values.values())))
 
+    def only(self, seed: int) -> "Result | None":
+        """This result of one seed alone (``None`` if that seed has none), with its interval."""
+        if seed not in self.values:
+            return None
+        single = Result(self.evaluator, self.metric, self.variant, self.fields, {seed: self.values[seed]},
+                        {seed: self.samples[seed]} if seed in self.samples else {}, self.selection_split)
+        single.interval = interval_of(single)
+        return single
+
     @property
     def column(self) -> str:
         return f"{self.evaluator}/{self.metric}[{self.variant}]" if self.variant else f"{self.evaluator}/{self.metric}"
@@ -253,10 +262,7 @@ def long_form(entries: list[Entry]) -> pd.DataFrame:
         for result in entry.results.values():
             aggregate = result.interval
             for seed in sorted(result.values):
-                single = Result(result.evaluator, result.metric, result.variant, result.fields,
-                                {seed: result.values[seed]},
-                                {seed: result.samples[seed]} if seed in result.samples else {})
-                interval = interval_of(single)
+                interval = result.only(seed).interval
                 sample = result.samples.get(seed)
                 records.append({
                     "dataset": entry.key["dataset"], "protocol_hash": entry.protocol,

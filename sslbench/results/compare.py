@@ -2,16 +2,18 @@
 
 * **Base**: a refinement is compared with the entry of the checkpoint it started from — the run whose
   ``checkpoints/backbone.pt`` it loaded (its EMA when it loaded ``sslbench_ema``), at that run's last stage, under
-  the same protocol; failing that, an ``sslbench eval`` of that very file under the protocol. An entry of
-  ``sslbench eval`` (a file evaluated as is) has no base itself.
+  the same protocol — that run's seed alone when the base row averages several; failing that, an ``sslbench eval``
+  of that very file under the protocol. An entry of ``sslbench eval`` (a file evaluated as is) has no base
+  itself.
 * **Baseline**: one entry per protocol that every other entry is compared with — named with ``sslbench leaderboard
   --baseline NAME``, else the entry that is the base of the most others (none when no entry is a base).
 
 The test (``docs/statistics.md``): when both entries have per-sample records on the same test set, a **paired** test
 over the test samples — exact McNemar for one seed each and 0/1 scores, else the paired bootstrap of the difference of
-the per-sample scores averaged over seeds; for NMI (one seed each) the paired jackknife. With two or more seeds on
-both sides, Welch's t-test over the seeds must also reject, so a difference that one lucky seed makes is not called
-significant. Without per-sample records, Welch's test alone when both have several seeds; else no test.
+the per-sample scores averaged over seeds; for NMI (one seed each) the paired jackknife. When a side has two or more
+seeds, the test over seeds must also reject — Welch's t-test, or the one-sample t-test of several seeds against one
+fixed model (a refinement's seeds against the checkpoint they started from) — so a difference that one lucky seed
+makes is not called significant. Without per-sample records, the test over seeds alone; else no test.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from sslbench.results.aggregate import PARTITION_STATISTICS, Entry, Result
-from sslbench.results.statistics import PairedTest, mcnemar_test, paired_bootstrap, paired_jackknife, welch_test
+from sslbench.results.statistics import PairedTest, mcnemar_test, paired_bootstrap, paired_jackknife, seed_test
 
-__all__ = ["Comparison", "find_base", "choose_baseline", "compare_results", "is_named", "recipe_name"]
+__all__ = ["Comparison", "find_base", "choose_baseline", "compare_results", "format_p", "is_named", "recipe_name"]
 
 LEVEL = 0.05
 
@@ -59,34 +61,40 @@ def _read_recipe(run_dir: str) -> dict:
         return {}
 
 
-def _base_run_of(entry: Entry) -> tuple[str, bool] | None:
-    """(recipe name of the run whose checkpoint ``entry`` started from, whether it loaded that run's EMA)."""
+def _base_run_of(entry: Entry) -> tuple[str, bool, str] | None:
+    """(recipe name of the run whose checkpoint ``entry`` started from, whether it loaded that run's EMA, the run
+    folder's name)."""
     if " → " not in entry.key["checkpoint"] or entry.start == "scratch":
         return None
     parts = Path(entry.start).parts
     if "checkpoints" not in parts or parts.index("checkpoints") == 0:
         return None
     backbone = _read_recipe(next(iter(entry.run_dirs.values()), "")).get("backbone", {})
-    return recipe_name(parts[parts.index("checkpoints") - 1]), backbone.get("checkpoint_format") == "sslbench_ema"
+    folder = parts[parts.index("checkpoints") - 1]
+    return recipe_name(folder), backbone.get("checkpoint_format") == "sslbench_ema", folder
 
 
-def find_base(entry: Entry, protocol_entries: list[Entry]) -> Entry | None:
-    """The entry of the checkpoint ``entry`` started from, in the same protocol (see the module docstring)."""
+def find_base(entry: Entry, protocol_entries: list[Entry]) -> tuple[Entry | None, int | None]:
+    """The entry of the checkpoint ``entry`` started from, in the same protocol (see the module docstring), and the
+    seed of the run that wrote that checkpoint when the base entry holds several seeds (``digits_mae-seed0``'s
+    checkpoint is seed 0's model, not the mean of three): the comparison is with that seed alone."""
     base = _base_run_of(entry)
     if base is None:
-        return None
-    name, ema = base
+        return None, None
+    name, ema, folder = base
     candidates = [e for e in protocol_entries if e is not entry and e.ema == ema
                   and {recipe_name(r) for r in e.runs.values()} == {name}]
     if not candidates:
         # the same file evaluated with `sslbench eval` under this protocol
         evaluated = [e for e in protocol_entries if e is not entry and e.ema == ema
                      and " → " not in e.key["checkpoint"] and Path(e.start) == Path(entry.start)]
-        return evaluated[-1] if evaluated else None
+        return (evaluated[-1] if evaluated else None), None
     stages = _read_recipe(next(iter(candidates[0].run_dirs.values()), "")).get("stages", [])
     last = stages[-1].get("name") if stages else None
     final = [e for e in candidates if e.key["stage"] == last]
-    return (final or sorted(candidates, key=lambda e: e.timestamp))[-1]
+    chosen = (final or sorted(candidates, key=lambda e: e.timestamp))[-1]
+    seed = next((s for s, run in chosen.runs.items() if run == folder), None)
+    return chosen, (seed if chosen.seeds > 1 else None)
 
 
 def is_named(entry: Entry, name: str) -> bool:
@@ -143,15 +151,15 @@ def _paired(a: Result, b: Result) -> PairedTest | None:
 def compare_results(a: Result, b: Result, *, entry: str, against: str, relation: str, label: str) -> Comparison | None:
     """The test of ``a − b`` (see the module docstring); ``None`` when neither records nor seeds allow one."""
     paired = _paired(a, b)
-    several = len(a.values) >= 2 and len(b.values) >= 2
-    welch = welch_test(list(a.values.values()), list(b.values.values()), LEVEL) if several else None
+    welch = seed_test(a.values.values(), b.values.values(), LEVEL)
     if paired is None and welch is None:
         return None
     difference = a.mean - b.mean
     if paired is not None and welch is not None:
         # both must reject; the reported p and interval are those of the test that is less sure
         significant = paired.significant and welch.significant
-        method = f"{paired.method} (p={paired.p_value:.2g}) and {welch.method} (p={welch.p_value:.2g})"
+        method = (f"{paired.method} (p{format_p(paired.p_value, '=')}) and "
+                  f"{welch.method} (p{format_p(welch.p_value, '=')})")
         if welch.p_value >= paired.p_value:
             return Comparison(entry, against, relation, label, difference, welch.low, welch.high, welch.p_value,
                               method, significant)
@@ -163,6 +171,11 @@ def compare_results(a: Result, b: Result, *, entry: str, against: str, relation:
                           paired.p_value, paired.method, paired.significant)
     return Comparison(entry, against, relation, label, difference, welch.low, welch.high, welch.p_value,
                       welch.method, welch.significant)
+
+
+def format_p(p: float, equals: str = "") -> str:
+    """Two significant digits; a resampling p-value of 0 means "below one in 2000 resamples": ``<0.001``."""
+    return "<0.001" if p == 0 else f"{equals}{p:.2g}"
 
 
 def _percent(value: float | None) -> float | None:

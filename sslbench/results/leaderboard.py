@@ -42,6 +42,7 @@ class Protocol:
     headlines: dict[str, dict[str, Result]] = field(default_factory=dict)  # entry name → label → result
     shown_fields: dict[str, str] = field(default_factory=dict)          # label → field shown instead of the value
     bases: dict[str, Entry | None] = field(default_factory=dict)
+    base_seeds: dict[str, int | None] = field(default_factory=dict)    # the base run's seed, when it has several
     baseline: Entry | None = None
     comparisons: list[Comparison] = field(default_factory=list)
     budgets: dict[str, Budget | None] = field(default_factory=dict)
@@ -75,9 +76,11 @@ class Leaderboard:
             for entry in protocol.entries:
                 budget = protocol.budgets.get(entry.name)
                 base = protocol.bases.get(entry.name)
+                base_seed = protocol.base_seeds.get(entry.name)
                 record = {"dataset": protocol.dataset, "protocol_hash": protocol.protocol_hash, "entry": entry.name,
                           "objective": entry.key["objective"], "backbone": entry.key["backbone"],
-                          "start": entry.start, "base": base.name if base else "",
+                          "start": entry.start,
+                          "base": (base.name + (f" (seed {base_seed})" if base_seed is not None else "")) if base else "",
                           "seeds": entry.seeds, "epochs": budget.epochs if budget else np.nan,
                           "images_seen": budget.images if budget else np.nan,
                           "train_seconds": budget.seconds if budget and budget.seconds is not None else np.nan,
@@ -154,7 +157,7 @@ def _fill(protocol: Protocol, classes: dict, baseline: str | None) -> None:
         for label in chosen:
             if label not in protocol.labels:
                 protocol.labels.append(label)
-        protocol.bases[entry.name] = find_base(entry, protocol.entries)
+        protocol.bases[entry.name], protocol.base_seeds[entry.name] = find_base(entry, protocol.entries)
         runs = [d for d in entry.run_dirs.values() if d]
         protocol.budgets[entry.name] = run_budget(runs[0]) if runs else None
     protocol.baseline = choose_baseline(protocol.entries, protocol.bases, baseline)
@@ -164,11 +167,17 @@ def _fill(protocol: Protocol, classes: dict, baseline: str | None) -> None:
         for relation, other in against:
             if other is None or other is entry:
                 continue
+            seed = protocol.base_seeds[entry.name] if relation == "base" else None
+            name = other.name + (f" (seed {seed})" if seed is not None else "")
             for label, result in protocol.headlines[entry.name].items():
                 other_result = protocol.headlines.get(other.name, {}).get(label)
                 if other_result is None or label in protocol.shown_fields:
                     continue
-                comparison = compare_results(result, other_result, entry=entry.name, against=other.name,
+                if seed is not None:
+                    other_result = other_result.only(seed)
+                    if other_result is None:
+                        continue
+                comparison = compare_results(result, other_result, entry=entry.name, against=name,
                                              relation=relation, label=label)
                 if comparison is not None:
                     protocol.comparisons.append(comparison)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sslbench.results.aggregate import Entry, Result
 from sslbench.results.budget import format_budget
+from sslbench.results.compare import format_p
 from sslbench.results.statistics import Interval
 
 __all__ = ["leaderboard_markdown", "details_markdown", "format_value", "headline_cell", "short_start", "table"]
@@ -42,13 +43,13 @@ def table(header: list[str], rows: list[list[str]], numeric: list[bool] | None =
 
 
 def format_value(value: float, interval: Interval | None = None) -> str:
-    """``80.94 ± 0.77``: two decimals while the half-width is below a point, else one; the value alone without an
-    interval."""
+    """``80.9 ± 0.8``: one decimal — two while the half-width is below 0.1, where the second decimal still means
+    something; the value alone (two decimals) without an interval."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if interval is None or math.isnan(interval.half_width):
         return f"{value:.2f}"
-    digits = 2 if interval.half_width < 1 else 1
+    digits = 2 if interval.half_width < 0.1 else 1
     return f"{value:.{digits}f} ± {interval.half_width:.{digits}f}"
 
 
@@ -109,7 +110,7 @@ def _protocol_section(protocol) -> str:
             delta = f"{c.difference:+.2f}"
             ci = f"[{c.low:+.2f}, {c.high:+.2f}]" if c.low is not None and c.high is not None else ""
             rows.append([c.entry, f"{c.relation} {c.against}", c.label, f"**{delta}**" if c.significant else delta,
-                         ci, f"{c.p_value:.2g}", c.method])
+                         ci, format_p(c.p_value), c.method])
         lines.append(table(["run", "vs", "metric", "Δ", "95% CI of Δ", "p", "test"], rows,
                            [False, False, False, True, True, True, False]))
     rows = [[e.name, run_folders(e), e.recipe_hash, e.hardware, e.versions] for e in protocol.entries]

@@ -16,12 +16,14 @@ from pathlib import Path
 
 from sslbench.results.board_plots import plot_name, plot_protocol_headline, plot_protocol_per_block
 from sslbench.results.budget import format_budget
+from sslbench.results.compare import format_p
 from sslbench.results.markdown import INTRODUCTION, evaluators_of, format_value, headline_cell, short_start
 
 __all__ = ["render_report", "write_report"]
 
 STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 78em; padding: 0 1em; color: #222; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 96em; padding: 0 1em; color: #222; }
+.scroll { overflow-x: auto; }
 h1 { font-size: 1.6em; } h2 { margin-top: 2.2em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: 0.8em 0 1.4em; font-size: 13px; }
 th, td { padding: 0.3em 0.7em; border-bottom: 1px solid #e3e3e3; text-align: left; vertical-align: top; }
@@ -75,7 +77,7 @@ def _table(header: list[str], rows: list[list[str]], numeric: list[bool], sortab
     body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if n else f"<td>{c}</td>"
                                     for c, n in zip(row, numeric)) + "</tr>\n" for row in rows)
     attributes = (' class="sortable"' if sortable else "") + (f' id="{_e(table_id)}"' if table_id else "")
-    return f"<table{attributes}><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
+    return f'<div class="scroll"><table{attributes}><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table></div>'
 
 
 def _image(path: Path | None, alt: str) -> str:
@@ -123,7 +125,7 @@ def _protocol_html(protocol, page_dir: Path, plots_dir: Path) -> str:
             delta = f"{c.difference:+.2f}"
             ci = f"[{c.low:+.2f}, {c.high:+.2f}]" if c.low is not None and c.high is not None else ""
             rows.append([_e(c.entry), _e(f"{c.relation} {c.against}"), _e(c.label),
-                         f'<span class="sig">{delta}</span>' if c.significant else delta, ci, f"{c.p_value:.2g}",
+                         f'<span class="sig">{delta}</span>' if c.significant else delta, ci, format_p(c.p_value),
                          "yes" if c.significant else "no", _e(c.method)])
         parts.append("<h3>Differences (percentage points)</h3>")
         parts.append(_table(["run", "vs", "metric", "Δ", "95% CI of Δ", "p", "significant", "test"], rows,

@@ -10,7 +10,8 @@ Pure functions on arrays (see ``docs/statistics.md`` for when each applies and t
 * :func:`paired_bootstrap` — the same question for the difference of means, with an interval;
   :func:`jackknife_interval` / :func:`paired_jackknife` — both for a statistic that is not a mean (:func:`nmi` of
   cluster ids), from its delete-one jackknife standard error;
-* :func:`welch_test` — two recipes with several seeds each: Welch's t-test over the seeds.
+* :func:`seed_test` — over seeds: Welch's t-test (:func:`welch_test`) for two recipes with several seeds each, the
+  one-sample t-test (:func:`one_sample_t`) for several seeds against one fixed model.
 
 Accuracies are fractions in [0, 1] here; multiply by 100 for percent.
 
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Interval", "seed_interval", "binomial_interval", "bootstrap_interval", "jackknife_interval", "nmi",
-           "PairedTest", "mcnemar_test", "paired_bootstrap", "paired_jackknife", "welch_test"]
+           "PairedTest", "mcnemar_test", "paired_bootstrap", "paired_jackknife", "welch_test", "one_sample_t",
+           "seed_test"]
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,38 @@ def _paired_result(estimate: float, resampled: np.ndarray, identical: bool, leve
     low, high = np.quantile(resampled, [level / 2, 1 - level / 2])
     p = 1.0 if identical else min(1.0, 2 * min(float(np.mean(resampled <= 0)), float(np.mean(resampled >= 0))))
     return PairedTest(estimate, p, float(low), float(high), method, level)
+
+
+def one_sample_t(values, reference: float, level: float = 0.05) -> PairedTest:
+    """Student's one-sample t-test of the mean of ``values`` (seeds of a refinement) against one fixed
+    ``reference`` (the single checkpoint they all started from), with the t interval of the difference."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        raise ValueError("a one-sample t-test needs at least 2 values")
+    difference = float(x.mean() - reference)
+    se = float(x.std(ddof=1) / math.sqrt(len(x)))
+    if se == 0:
+        return PairedTest(difference, 1.0 if difference == 0 else 0.0, difference, difference,
+                          f"t, {len(x)} seeds vs 1 (no spread)", level)
+    half = float(stats.t.ppf(1 - level / 2, len(x) - 1)) * se
+    p = float(2 * stats.t.sf(abs(difference) / se, len(x) - 1))
+    return PairedTest(difference, p, difference - half, difference + half, f"t, {len(x)} seeds vs 1", level)
+
+
+def seed_test(a_values, b_values, level: float = 0.05) -> PairedTest | None:
+    """The test over seeds: Welch's when both sides have several, the one-sample t-test when one side is a single
+    model (``a − b`` either way); ``None`` when neither side has two seeds."""
+    a, b = list(a_values), list(b_values)
+    if len(a) >= 2 and len(b) >= 2:
+        return welch_test(a, b, level)
+    if len(a) >= 2 and len(b) == 1:
+        return one_sample_t(a, b[0], level)
+    if len(b) >= 2 and len(a) == 1:
+        flipped = one_sample_t(b, a[0], level)
+        return PairedTest(-flipped.difference, flipped.p_value, -flipped.high, -flipped.low, flipped.method, level)
+    return None
 
 
 def welch_test(a_values, b_values, level: float = 0.05) -> PairedTest:
