@@ -24,14 +24,16 @@ def _interval_words(result) -> str:
     return f" (95% interval {interval.low:.1f}–{interval.high:.1f}, {interval.method})"
 
 
-def run_summary(run_dir: str | Path, rows: list[dict], leaderboard: str | Path | None = None) -> str:
+def run_summary(run_dir: str | Path, rows: list[dict], leaderboard: str | Path | None = None,
+                verb: str = "Finished") -> str:
     """Lines for the end of ``sslbench run`` / ``sslbench eval``: the folder and its files, then each headline
-    result of the run (as the leaderboard chooses them) in words, then where the leaderboard is."""
+    result of the run (as the leaderboard chooses them) in words, then where the leaderboard is. ``verb`` opens
+    the first line (``"Finished"``, or ``"Already done"`` for a run that trained nothing)."""
     from sslbench.results.leaderboard import build
     from sslbench.results.metrics import as_frame
 
     run_dir = Path(run_dir)
-    lines = [f"Finished {run_dir.name}: everything is in {run_dir}/"]
+    lines = [f"{verb} {run_dir.name}: everything is in {run_dir}/"]
     width = max(len(name) for name, _ in FILES)
     lines += [f"  {name:<{width}}  {what}" for name, what in FILES if (run_dir / name).exists()]
     if rows:
