@@ -28,7 +28,7 @@ def run_summary(run_dir: str | Path, rows: list[dict], leaderboard: str | Path |
                 verb: str = "Finished") -> str:
     """Lines for the end of ``sslbench run`` / ``sslbench eval``: the folder and its files, then each headline
     result of the run (as the leaderboard chooses them) in words, then where the leaderboard is. ``verb`` opens
-    the first line (``"Finished"``, or ``"Already done"`` for a run that trained nothing)."""
+    the first line (``"Finished"``, or ``"Already finished"`` for a run that trained nothing)."""
     from sslbench.results.leaderboard import build
     from sslbench.results.metrics import as_frame
 

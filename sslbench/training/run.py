@@ -252,7 +252,8 @@ def _report_finished(run_dir: Path, recipe: Recipe) -> None:
     leaderboard = Path(recipe.run.output_dir) / "leaderboard.md"
     print(f"{run_dir}: this recipe already ran to the end (same recipe hash), so nothing was trained. Pass --force "
           "to run it again, or --seed N for another seed.")
-    print(run_summary(run_dir, rows, leaderboard=leaderboard if leaderboard.exists() else None, verb="Already done:"))
+    print(run_summary(run_dir, rows, leaderboard=leaderboard if leaderboard.exists() else None,
+                      verb="Already finished"))
 
 
 def _remove_if_unstarted(run_dir: Path, recipe: Recipe) -> None:
