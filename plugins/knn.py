@@ -56,8 +56,8 @@ class KNN(Evaluator):
     def headlines(cls, results):
         # DINO's and MIM-Refiner's k = 20 where measured (else the largest k), on the deepest block asked for
         def prefer(fields):
-            return (fields.get("k") == 20, fields.get("k", 0), FeatureRequest.parse(fields["feature"]).block,
-                    not fields.get("std", False))
+            block = FeatureRequest.parse(fields["feature"]).block if "feature" in fields else 0
+            return fields.get("k") == 20, fields.get("k", 0), block, not fields.get("std", False)
         chosen = pick(results, "top1", prefer)
         return {} if chosen is None else {"k-NN top-1": chosen}
 

@@ -84,7 +84,7 @@ class PerBlock(Evaluator):
         if not ks:
             return {}
         k = 20 if 20 in ks else max(ks)
-        stream = "normed" if "normed" in streams else min(streams)
+        stream = "normed" if "normed" in streams else sorted(streams, key=str)[0]
         candidates = [i for i, (m, f, _) in enumerate(results)
                       if m == "top1" and f.get("k") == k and f.get("stream") == stream]
         return {"best block": max(candidates, key=lambda i: results[i][2])}      # ties: the first listed

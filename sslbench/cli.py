@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     for command, what in (("leaderboard", "the leaderboard (Markdown and CSV) of every run in DIR, written into DIR"),
-                          ("report", "the leaderboard as one self-contained HTML page, DIR/report.html")):
+                          ("report", "the leaderboard as one self-contained HTML page, DIR/report.html (also "
+                                     "rewrites the leaderboard files and figures it is made from)")):
         p = sub.add_parser(command, help=what)
         p.add_argument("dir", nargs="?", default="runs", help="folder holding the run folders (default: runs)")
         p.add_argument("--baseline", help="the row (name as in the leaderboard, or run folder) every row of its "

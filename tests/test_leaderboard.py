@@ -198,3 +198,68 @@ def test_value_axis_zooms_only_when_the_values_are_close():
     assert value_axis([20.0, 60.0], [30.0, 80.0]) == (0.0, 100.0, False)
     low, high, zoomed = value_axis([80.1, 80.5], [80.9, 81.3])
     assert zoomed and low == pytest.approx(79.1) and high == pytest.approx(82.3)
+
+
+def test_a_base_is_only_the_model_that_was_loaded(tmp_path, capsys):
+    """A refinement of `a-seed0` is not compared with other seeds of `a` when seed 0 is not among them."""
+    make_run(tmp_path, "a-seed1", [knn(correct(200))], seed=1)
+    make_run(tmp_path, "a-seed2", [knn(correct(210))], seed=2)
+    make_run(tmp_path, "ref", [knn(correct(300))], start=str(tmp_path / "a-seed0" / "checkpoints" / "backbone.pt"))
+    protocol, = leaderboard.build(collect_runs(tmp_path), evaluator_classes=CLASSES).protocols
+    assert protocol.bases["ref/train"] is None
+    assert not [c for c in protocol.comparisons if c.relation == "base"]
+
+
+def test_a_baselines_single_seed_is_not_a_fixed_number(tmp_path):
+    """Another recipe's one seed is a random training: no one-sample t-test against it, only the paired test."""
+    make_run(tmp_path, "base", [knn(correct(300))])
+    make_run(tmp_path, "child", [knn(correct(300))], start=str(tmp_path / "base" / "checkpoints" / "backbone.pt"))
+    for seed, right in enumerate((306, 304, 305)):
+        make_run(tmp_path, f"other-seed{seed}", [knn(correct(right, offset=100))], seed=seed)
+    protocol, = leaderboard.build(collect_runs(tmp_path), evaluator_classes=CLASSES).protocols
+    other = next(c for c in protocol.comparisons if c.entry == "other/train")
+    assert other.relation == "baseline" and "seeds vs 1" not in other.method and "McNemar" not in other.method
+
+
+def test_rows_with_the_same_name_stay_apart(tmp_path):
+    make_run(tmp_path / "x", "a", [knn(correct(200))])
+    run = make_run(tmp_path / "y", "a", [knn(correct(300))])
+    frame = pd.read_csv(run / "metrics.csv")
+    frame["objective"] = "other"                                          # same recipe name, another objective
+    frame.to_csv(run / "metrics.csv", index=False)
+    protocol, = leaderboard.build(collect_runs(tmp_path), evaluator_classes=CLASSES).protocols
+    names = sorted(e.name for e in protocol.entries)
+    assert names == ["a/train (from scratch) (a)", "a/train (from scratch) (other)"]
+    values = {name: protocol.headlines[name]["k-NN top-1"].mean for name in names}
+    assert values == pytest.approx({names[0]: 100 * 200 / 450, names[1]: 100 * 300 / 450})
+
+
+def test_damaged_files_and_missing_values_do_not_stop_the_leaderboard(tmp_path, capsys):
+    good = make_run(tmp_path, "good", [knn(correct(300))])
+    bad = make_run(tmp_path, "bad", [knn(correct(250)), ("per_block", "top1", {"k": 20, "block": 0,
+                                                                               "stream": "normed"}, float("nan"))])
+    (bad / "predictions.npz").write_bytes((good / "predictions.npz").read_bytes()[:100])   # cut short
+    assert main(["report", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "predictions.npz" in err and "without per-sample intervals" in err
+    board = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert board.set_index("entry").loc["bad/train", "k-NN top-1"] == pytest.approx(100 * 250 / 450)
+    assert (tmp_path / "report.html").stat().st_size > 1000
+    # a protocol that no longer has rows loses its figures; other files in plots/ stay
+    (tmp_path / "plots" / "headline_old_000000000000.png").write_bytes(b"old")
+    (tmp_path / "plots" / "notes.txt").write_text("mine")
+    assert main(["leaderboard", str(tmp_path), "--plots"]) == 0
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "headline_digits_pppppppppppp.png", "notes.txt"]
+
+
+def test_an_evaluated_file_is_the_base_of_a_run_that_started_from_it(tmp_path):
+    """`sslbench eval` of a checkpoint under the refinement's protocol is that checkpoint's row."""
+    start = str(tmp_path / "elsewhere" / "mae" / "checkpoints" / "backbone.pt")
+    evaluated = make_run(tmp_path, "eval-mae", [knn(correct(300))])
+    frame = pd.read_csv(evaluated / "metrics.csv")
+    frame["checkpoint"], frame["stage"] = start, "eval"                 # as `sslbench eval --checkpoint` writes
+    frame.to_csv(evaluated / "metrics.csv", index=False)
+    make_run(tmp_path, "ref", [knn(correct(340))], start=start)
+    protocol, = leaderboard.build(collect_runs(tmp_path), evaluator_classes=CLASSES, predictions={}).protocols
+    assert protocol.bases["ref/train"].name == "eval-mae" and protocol.bases["eval-mae"] is None

@@ -137,10 +137,14 @@ def test_seed_test_chooses_welch_or_the_one_sample_test():
     from sslbench.results.statistics import seed_test
 
     refined, base = [64.2, 63.1, 65.0], 61.0
-    test = seed_test(refined, [base])
+    test = seed_test(refined, [base], fixed_b=True)                      # seeds of a refinement vs its one start
     assert test.p_value == pytest.approx(stats.ttest_1samp(refined, base).pvalue, rel=1e-9)
     assert test.difference == pytest.approx(np.mean(refined) - base) and test.low < test.difference < test.high
-    flipped = seed_test([base], refined)                                  # b − a: the same test, mirrored
-    assert (flipped.difference, flipped.low, flipped.high) == pytest.approx((-test.difference, -test.high, -test.low))
+    assert seed_test(refined, [base]) is None                            # another recipe's one seed: a random draw
     assert "Welch" in seed_test(refined, [60.0, 61.5]).method
     assert seed_test([1.0], [2.0]) is None
+    # identical seeds: no spread, no test over seeds (the paired test decides); the functions say p = 1
+    assert seed_test([63.5, 63.5], [61.0], fixed_b=True) is None and seed_test([2.0, 2.0], [1.0, 1.0]) is None
+    from sslbench.results.statistics import one_sample_t, welch_test
+
+    assert one_sample_t([63.5, 63.5], 61.0).p_value == 1.0 and welch_test([2.0, 2.0], [1.0, 1.0]).p_value == 1.0

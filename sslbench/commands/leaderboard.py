@@ -28,14 +28,16 @@ def leaderboard_command(directory: str, *, baseline: str | None = None, plots: b
             raise UserError(f"--baseline: no row or run folder named {baseline!r} in {root}; the rows are: "
                             + ", ".join(sorted({e.name for e in board.entries})))
         written = leaderboard.write(board, root)
-        if plots or report:
+        if plots and not report:                    # the report draws (and keeps) the figures itself
             from sslbench.results.board_plots import write_board_plots
 
             written += write_board_plots(board, root / "plots")
         if report:
+            from sslbench.results.board_plots import write_board_plots
             from sslbench.results.report import write_report
 
-            written.append(write_report(board, root))
+            figures = write_board_plots(board, root / "plots")
+            written += figures + [write_report(board, root, drawn=figures)]
     rows = sum(len(p.entries) for p in board.protocols)
     print(f"{rows} rows in {len(board.protocols)} protocol(s) from {root}:")
     for path in written:

@@ -158,12 +158,20 @@ def _column_variant(fields: dict | None, variant: str, checkpoint: str) -> str:
 
 
 def load_predictions(run_dirs) -> dict[str, RunPredictions]:
-    """Each run folder's ``predictions.npz``, where there is one."""
+    """Each run folder's ``predictions.npz``, where there is one. An unreadable file costs that run its
+    intervals over test samples and its paired tests (a warning says which), not the whole leaderboard."""
+    import sys
+
+    from sslbench.core.errors import UserError
+
     loaded = {}
     for run_dir in sorted(set(run_dirs)):
         path = Path(run_dir) / FILENAME
         if path.is_file():
-            loaded[run_dir] = read_predictions(path)
+            try:
+                loaded[run_dir] = read_predictions(path)
+            except UserError as exc:
+                print(f"warning: {exc}; its rows are shown without per-sample intervals and tests", file=sys.stderr)
     return loaded
 
 
@@ -219,13 +227,27 @@ def build_entries(rows: pd.DataFrame, predictions: dict[str, RunPredictions] | N
 
 
 def _make_names_unique(entries: list[Entry]) -> None:
-    """Two entries of one protocol with the same name (one recipe started from two checkpoints) get their start."""
-    seen: dict[tuple[str, str], int] = {}
+    """Two entries of one protocol with the same name get told apart — by their start (one recipe started from two
+    checkpoints), then their objective, then their backbone, and as a last resort a number — since tables and
+    tests look rows up by name."""
+    def duplicates() -> set[tuple[str, str]]:
+        counts: dict[tuple[str, str], int] = {}
+        for entry in entries:
+            counts[(entry.protocol, entry.name)] = counts.get((entry.protocol, entry.name), 0) + 1
+        return {key for key, n in counts.items() if n > 1}
+
+    for suffix in (lambda e: f"from {e.start}", lambda e: e.key["objective"], lambda e: e.key["backbone"]):
+        clashing = duplicates()
+        if not clashing:
+            return
+        for entry in entries:
+            if (entry.protocol, entry.name) in clashing:
+                entry.name = f"{entry.name} ({suffix(entry)})"
+    clashing, numbered = duplicates(), {}
     for entry in entries:
-        seen[(entry.protocol, entry.name)] = seen.get((entry.protocol, entry.name), 0) + 1
-    for entry in entries:
-        if seen[(entry.protocol, entry.name)] > 1:
-            entry.name = f"{entry.name} (from {entry.start})"
+        if (entry.protocol, entry.name) in clashing:
+            numbered[(entry.protocol, entry.name)] = numbered.get((entry.protocol, entry.name), 0) + 1
+            entry.name = f"{entry.name} #{numbered[(entry.protocol, entry.name)]}"
 
 
 def interval_of(result: Result, confidence: float = CONFIDENCE) -> Interval | None:

@@ -38,8 +38,8 @@ def per_block_curves(entry) -> tuple[str, dict[int, object]]:
     k = 20 if 20 in ks else max(ks)
     streams = {r.fields.get("stream") for r in results}
     stream = "normed" if "normed" in streams else sorted(map(str, streams))[0]
-    chosen = {r.fields["block"]: r for r in results if r.fields.get("k") == k and r.fields.get("stream") == stream
-              and not r.fields.get("std")}
+    chosen = {r.fields["block"]: r for r in results if r.fields.get("k") == k and str(r.fields.get("stream")) == stream
+              and not r.fields.get("std") and math.isfinite(r.mean)}
     return f"k={k}, {stream}", dict(sorted(chosen.items()))
 
 
@@ -102,8 +102,8 @@ def plot_protocol_headline(protocol, path: str | os.PathLike) -> Path | None:
             lows, highs = [], []
             for i, entry in enumerate(protocol.entries):
                 result = protocol.headlines.get(entry.name, {}).get(label)
-                if result is None:
-                    continue
+                if result is None or not math.isfinite(result.mean):
+                    continue                                # no dot for a missing or non-finite value
                 value, interval = result.mean, result.interval
                 error = [[value - interval.low], [interval.high - value]] if interval else None
                 axes.errorbar([value], [i], xerr=error, fmt="o", color=f"C{i % 10}", capsize=3, markersize=5)
@@ -127,7 +127,8 @@ def plot_protocol_headline(protocol, path: str | os.PathLike) -> Path | None:
 
 
 def write_board_plots(board, out_dir: str | os.PathLike) -> list[Path]:
-    """Both figures of every protocol into ``out_dir``; returns the written paths."""
+    """Both figures of every protocol into ``out_dir``, and the figures of protocols that no longer have rows
+    removed (only files of these two kinds: other files in ``out_dir`` are left alone). Returns the written paths."""
     out_dir = Path(out_dir)
     written = []
     for protocol in board.protocols:
@@ -135,4 +136,8 @@ def write_board_plots(board, out_dir: str | os.PathLike) -> list[Path]:
             path = draw(protocol, out_dir / plot_name(kind, protocol))
             if path is not None:
                 written.append(path)
+    if out_dir.is_dir():
+        for stale in (*out_dir.glob("headline_*.png"), *out_dir.glob("per_block_*.png")):
+            if stale not in written:
+                stale.unlink()
     return written

@@ -94,6 +94,8 @@ def find_base(entry: Entry, protocol_entries: list[Entry]) -> tuple[Entry | None
     final = [e for e in candidates if e.key["stage"] == last]
     chosen = (final or sorted(candidates, key=lambda e: e.timestamp))[-1]
     seed = next((s for s, run in chosen.runs.items() if run == folder), None)
+    if seed is None:
+        return None, None      # the run that wrote the checkpoint is not in this row: another model, no base
     return chosen, (seed if chosen.seeds > 1 else None)
 
 
@@ -148,10 +150,13 @@ def _paired(a: Result, b: Result) -> PairedTest | None:
                             keys, LEVEL)
 
 
-def compare_results(a: Result, b: Result, *, entry: str, against: str, relation: str, label: str) -> Comparison | None:
-    """The test of ``a − b`` (see the module docstring); ``None`` when neither records nor seeds allow one."""
+def compare_results(a: Result, b: Result, *, entry: str, against: str, relation: str, label: str,
+                    fixed: bool = False) -> Comparison | None:
+    """The test of ``a − b`` (see the module docstring); ``None`` when neither records nor seeds allow one.
+    ``fixed``: ``b`` is the one model ``a``'s seeds all started from, so its single value is not a random draw and
+    the one-sample t-test applies; otherwise only Welch's test runs over seeds (both sides need two)."""
     paired = _paired(a, b)
-    welch = seed_test(a.values.values(), b.values.values(), LEVEL)
+    welch = seed_test(a.values.values(), b.values.values(), LEVEL, fixed_b=fixed)
     if paired is None and welch is None:
         return None
     difference = a.mean - b.mean

@@ -18,6 +18,7 @@ evaluators or options gets other columns.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,7 +113,12 @@ def headline_results(entry: Entry, evaluator_classes: dict) -> tuple[dict[str, R
         cls = evaluator_classes.get(name)
         if cls is None:
             continue
-        picks = cls.headlines([(r.metric, r.fields, r.mean) for r in results])
+        try:
+            picks = cls.headlines([(r.metric, r.fields, r.mean) for r in results])
+        except Exception as exc:    # noqa: BLE001 — a plugin's choice must not take the leaderboard down
+            print(f"warning: {name}.headlines failed on {entry.name} ({type(exc).__name__}: {exc}); its results "
+                  "are only in the detail tables", file=sys.stderr)
+            continue
         for label, index in picks.items():
             if index is not None:
                 chosen[label] = results[index]
@@ -178,7 +184,8 @@ def _fill(protocol: Protocol, classes: dict, baseline: str | None) -> None:
                     if other_result is None:
                         continue
                 comparison = compare_results(result, other_result, entry=entry.name, against=name,
-                                             relation=relation, label=label)
+                                             relation=relation, label=label,
+                                             fixed=relation == "base" and len(other_result.values) == 1)
                 if comparison is not None:
                     protocol.comparisons.append(comparison)
 

@@ -23,9 +23,10 @@ INTRODUCTION = """\
 Each section holds the rows of one dataset and evaluation protocol (the hash of the evaluation data, preprocessing
 and evaluators with their options); rows of different protocols are never compared. A cell is `mean ± half-width`
 of the 95% interval: over seeds when a row has several, else over the test samples (exact Clopper–Pearson for an
-accuracy, bootstrap otherwise). ▲ / ▼: significantly above / below the row's base (the checkpoint it started from),
-or the protocol's baseline for a row without a base, by a paired test at 95%. How each is computed:
-`docs/statistics.md`. Every result of every row: `leaderboard_details.md` and `leaderboard_long.csv`.
+accuracy, bootstrap for a mean of fractions, jackknife for NMI); a value alone has no per-sample record. ▲ / ▼:
+significantly above / below the row's base (the checkpoint it started from) — or the protocol's baseline when there
+is no tested base — at 95%, by a paired test over test samples and, with several seeds, a test over seeds. How each
+is computed: `docs/statistics.md`. Every result of every row: `leaderboard_details.md` and `leaderboard_long.csv`.
 """
 
 

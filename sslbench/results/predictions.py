@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -114,6 +115,6 @@ def read_predictions(path: str | os.PathLike) -> RunPredictions:
             for entry in meta["records"]:
                 values = _decode(entry["encoding"], data[entry["array"]], len(labels))
                 records[tuple(entry[k] for k in _KEY)] = PerSample(entry["kind"], values)
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, zipfile.BadZipFile, EOFError) as exc:
         raise UserError(f"{path}: not a readable sslbench predictions file ({type(exc).__name__}: {exc})") from None
     return RunPredictions(labels, meta["fingerprint"], records)

@@ -101,7 +101,7 @@ def _run_links(entry, page_dir: Path) -> str:
     return "<br>".join(links)
 
 
-def _protocol_html(protocol, page_dir: Path, plots_dir: Path) -> str:
+def _protocol_html(protocol, page_dir: Path, plots_dir: Path, drawn: list[Path] | None) -> str:
     parts = [f'<h2 id="{_e(protocol.protocol_hash[:12])}">{_e(protocol.title)}</h2>']
     backbones = sorted({e.key["backbone"] for e in protocol.entries})
     baseline = f" Baseline: <b>{_e(protocol.baseline.name)}</b>." if protocol.baseline is not None else ""
@@ -116,8 +116,10 @@ def _protocol_html(protocol, page_dir: Path, plots_dir: Path) -> str:
             for e in protocol.entries]
     numeric = [False, False, False, True, False, *[True] * len(protocol.labels), False]
     parts.append(_table(header, rows, numeric, table_id=f"headline-{protocol.protocol_hash[:12]}"))
-    figures = [plot_protocol_headline(protocol, plots_dir / plot_name("headline", protocol)),
-               plot_protocol_per_block(protocol, plots_dir / plot_name("per_block", protocol))]
+    figures = []
+    for kind, draw in (("headline", plot_protocol_headline), ("per_block", plot_protocol_per_block)):
+        path = plots_dir / plot_name(kind, protocol)
+        figures.append(draw(protocol, path) if drawn is None else (path if path in drawn else None))
     parts += [_image(path, f"{protocol.title} figure") for path in figures if path is not None]
     if protocol.comparisons:
         rows = []
@@ -149,14 +151,16 @@ def _protocol_html(protocol, page_dir: Path, plots_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def render_report(board, page_dir: str | os.PathLike, plots_dir: str | os.PathLike) -> str:
-    """The page's HTML; figures are drawn into ``plots_dir`` and embedded."""
+def render_report(board, page_dir: str | os.PathLike, plots_dir: str | os.PathLike,
+                  drawn: list[Path] | None = None) -> str:
+    """The page's HTML with the figures embedded: ``drawn``, the figures just written into ``plots_dir`` by
+    :func:`sslbench.results.board_plots.write_board_plots`, or (``None``) drawn into ``plots_dir`` now."""
     page_dir, plots_dir = Path(page_dir), Path(plots_dir)
     intro = " ".join(INTRODUCTION.replace("`", "").split()).replace("leaderboard_details.md and leaderboard_long.csv",
                                                    "the folded tables below and leaderboard_long.csv")
     contents = "".join(f'<li><a href="#{_e(p.protocol_hash[:12])}">{_e(p.title)}</a> ({len(p.entries)} rows)</li>'
                        for p in board.protocols)
-    body = "\n".join(_protocol_html(p, page_dir, plots_dir) for p in board.protocols) or "<p>No runs yet.</p>"
+    body = "\n".join(_protocol_html(p, page_dir, plots_dir, drawn) for p in board.protocols) or "<p>No runs yet.</p>"
     made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
@@ -165,11 +169,12 @@ def render_report(board, page_dir: str | os.PathLike, plots_dir: str | os.PathLi
             f"Made {made}.</p>\n<ul>{contents}</ul>\n{body}\n<script>{SCRIPT}</script>\n</body></html>\n")
 
 
-def write_report(board, out_dir: str | os.PathLike) -> Path:
-    """``report.html`` in ``out_dir`` (figures also kept in ``out_dir/plots``); atomic. Returns its path."""
+def write_report(board, out_dir: str | os.PathLike, drawn: list[Path] | None = None) -> Path:
+    """``report.html`` in ``out_dir`` (figures kept in ``out_dir/plots``; ``drawn``: see :func:`render_report`);
+    atomic. Returns its path."""
     from sslbench.core.io import atomic_write_text
 
     out_dir = Path(out_dir)
     path = out_dir / "report.html"
-    atomic_write_text(path, render_report(board, out_dir, out_dir / "plots"))
+    atomic_write_text(path, render_report(board, out_dir, out_dir / "plots", drawn))
     return path

@@ -246,24 +246,24 @@ def one_sample_t(values, reference: float, level: float = 0.05) -> PairedTest:
     difference = float(x.mean() - reference)
     se = float(x.std(ddof=1) / math.sqrt(len(x)))
     if se == 0:
-        return PairedTest(difference, 1.0 if difference == 0 else 0.0, difference, difference,
-                          f"t, {len(x)} seeds vs 1 (no spread)", level)
+        return PairedTest(difference, 1.0, difference, difference, f"t, {len(x)} seeds vs 1 (no spread: untestable)",
+                          level)
     half = float(stats.t.ppf(1 - level / 2, len(x) - 1)) * se
     p = float(2 * stats.t.sf(abs(difference) / se, len(x) - 1))
     return PairedTest(difference, p, difference - half, difference + half, f"t, {len(x)} seeds vs 1", level)
 
 
-def seed_test(a_values, b_values, level: float = 0.05) -> PairedTest | None:
-    """The test over seeds: Welch's when both sides have several, the one-sample t-test when one side is a single
-    model (``a − b`` either way); ``None`` when neither side has two seeds."""
+def seed_test(a_values, b_values, level: float = 0.05, fixed_b: bool = False) -> PairedTest | None:
+    """The test over seeds of ``a − b``: Welch's when both sides have several; the one-sample t-test of ``a``'s seeds
+    against ``b``'s single value only when ``fixed_b`` says that value is the one model ``a`` started from (another
+    recipe's single seed is a random draw, not a fixed number). ``None`` when no test applies, including seeds
+    without any spread (identical values: the t statistic is undefined; the paired test then decides)."""
     a, b = list(a_values), list(b_values)
     if len(a) >= 2 and len(b) >= 2:
-        return welch_test(a, b, level)
-    if len(a) >= 2 and len(b) == 1:
-        return one_sample_t(a, b[0], level)
-    if len(b) >= 2 and len(a) == 1:
-        flipped = one_sample_t(b, a[0], level)
-        return PairedTest(-flipped.difference, flipped.p_value, -flipped.high, -flipped.low, flipped.method, level)
+        spread = np.var(a, ddof=1) + np.var(b, ddof=1)
+        return welch_test(a, b, level) if spread > 0 else None
+    if fixed_b and len(a) >= 2 and len(b) == 1:
+        return one_sample_t(a, b[0], level) if np.var(a, ddof=1) > 0 else None
     return None
 
 
@@ -278,8 +278,8 @@ def welch_test(a_values, b_values, level: float = 0.05) -> PairedTest:
     difference = float(a.mean() - b.mean())
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     if va + vb == 0:
-        return PairedTest(difference, 1.0 if difference == 0 else 0.0, difference, difference,
-                          f"Welch t, {len(a)}+{len(b)} seeds (no spread)", level)
+        return PairedTest(difference, 1.0, difference, difference,
+                          f"Welch t, {len(a)}+{len(b)} seeds (no spread: untestable)", level)
     dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     half = float(stats.t.ppf(1 - level / 2, dof) * math.sqrt(va + vb))
     p = float(2 * stats.t.sf(abs(difference) / math.sqrt(va + vb), dof))
