@@ -15,11 +15,11 @@ Plugin authors import from here::
 from __future__ import annotations
 
 from sslbench.core.errors import PluginError, RecipeError, UserError
-from sslbench.core.evaluator import Evaluator, MetricValue
+from sslbench.core.evaluator import Evaluator, MetricValue, PerSample
 from sslbench.core.hookspecs import hookimpl
 from sslbench.core.objective import Batch, DataInfo, Objective, StageContext
 from sslbench.core.options import Option
 from sslbench.core.version import __version__
 
-__all__ = ["__version__", "hookimpl", "Objective", "Evaluator", "MetricValue", "Option", "DataInfo", "Batch",
-           "StageContext", "UserError", "RecipeError", "PluginError"]
+__all__ = ["__version__", "hookimpl", "Objective", "Evaluator", "MetricValue", "PerSample", "Option", "DataInfo",
+           "Batch", "StageContext", "UserError", "RecipeError", "PluginError"]
