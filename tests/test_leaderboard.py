@@ -229,7 +229,7 @@ def test_rows_with_the_same_name_stay_apart(tmp_path):
     frame.to_csv(run / "metrics.csv", index=False)
     protocol, = leaderboard.build(collect_runs(tmp_path), evaluator_classes=CLASSES).protocols
     names = sorted(e.name for e in protocol.entries)
-    assert names == ["a/train (from scratch) (a)", "a/train (from scratch) (other)"]
+    assert names == ["a/train (a)", "a/train (other)"]
     values = {name: protocol.headlines[name]["k-NN top-1"].mean for name in names}
     assert values == pytest.approx({names[0]: 100 * 200 / 450, names[1]: 100 * 300 / 450})
 
@@ -263,3 +263,16 @@ def test_an_evaluated_file_is_the_base_of_a_run_that_started_from_it(tmp_path):
     make_run(tmp_path, "ref", [knn(correct(340))], start=start)
     protocol, = leaderboard.build(collect_runs(tmp_path), evaluator_classes=CLASSES, predictions={}).protocols
     assert protocol.bases["ref/train"].name == "eval-mae" and protocol.bases["eval-mae"] is None
+
+
+def test_seeds_of_an_edited_recipe_are_not_averaged(tmp_path):
+    make_run(tmp_path, "a-seed0", [knn(correct(300))], seed=0)
+    edited = make_run(tmp_path, "a-seed1", [knn(correct(200))], seed=1)
+    meta = json.loads((edited / "recipe.json").read_text())
+    meta["recipe"]["stages"][0]["batch_size"] = 64                       # changed between the two --seed runs
+    (edited / "recipe.json").write_text(json.dumps(meta))
+    make_run(tmp_path, "a-seed2", [knn(correct(310))], seed=2)
+    protocol, = leaderboard.build(collect_runs(tmp_path), evaluator_classes=CLASSES).protocols
+    seeds = sorted((e.seeds, sorted(e.runs.values())) for e in protocol.entries)
+    assert seeds == [(1, ["a-seed1"]), (2, ["a-seed0", "a-seed2"])]
+    assert all(e.name.startswith("a/train (recipe ") for e in protocol.entries)

@@ -1,8 +1,8 @@
 """From metric rows to leaderboard entries: one model under one protocol, its results over seeds, with intervals.
 
 An **entry** is what the leaderboard shows as one row: the rows of every run that share (objective, backbone,
-dataset, checkpoint, stage, protocol hash) — the seeds of one recipe (``--seed N`` runs share the checkpoint label),
-each contributing its latest value. Rows of different protocol hashes are never merged: their numbers are not
+dataset, checkpoint, stage, protocol hash) and the recipe up to its seed — the seeds of one recipe (``--seed N`` runs
+share the checkpoint label), each contributing its latest value. Rows of different protocol hashes are never merged: their numbers are not
 comparable. ``stage`` is part of the key, so an evaluation after an intermediate stage is never averaged with the
 final one; an EMA's checkpoint label ends in ``(ema)``, so it is an entry of its own.
 
@@ -93,6 +93,7 @@ class Entry:
     versions: str
     recipe_hash: str
     timestamp: str
+    family: str = ""                  # the recipe without its seed and name (see recipe_family)
     results: dict[tuple[str, str, str], Result] = field(default_factory=dict)
 
     @property
@@ -157,6 +158,30 @@ def _column_variant(fields: dict | None, variant: str, checkpoint: str) -> str:
     return ",".join(part for part in str(variant).split(",") if not (part == "ema" and labelled))
 
 
+#: What seeds of one recipe may differ in: its seed and name, and the keys the recipe hash leaves out as cosmetic
+#: (``COSMETIC`` in ``sslbench/training/spec.py``).
+SEED_FREE = {"run": ("name", "seed", "output_dir", "checkpoint_every", "log_every", "trackers"),
+             "backbone": ("checkpoint_trusted",)}
+
+
+def recipe_family(run_dir: str) -> str:
+    """A hash of the run's resolved recipe (``recipe.json``) without :data:`SEED_FREE`: equal for the seeds of one
+    recipe, different once the recipe was edited between two ``--seed`` runs — which are then two rows, not one
+    average. Empty for a folder without a readable ``recipe.json``."""
+    import hashlib
+
+    try:
+        recipe = json.loads((Path(run_dir) / "recipe.json").read_text(encoding="utf-8"))["recipe"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if not isinstance(recipe, dict):
+        return ""
+    trimmed = {section: ({k: v for k, v in body.items() if k not in SEED_FREE.get(section, ())}
+                         if isinstance(body, dict) else body) for section, body in recipe.items()}
+    text = json.dumps(trimmed, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def load_predictions(run_dirs) -> dict[str, RunPredictions]:
     """Each run folder's ``predictions.npz``, where there is one. An unreadable file costs that run its
     intervals over test samples and its paired tests (a warning says which), not the whole leaderboard."""
@@ -190,13 +215,17 @@ def build_entries(rows: pd.DataFrame, predictions: dict[str, RunPredictions] | N
                                                                       rows["checkpoint"])]
     rows["time_key"] = pd.to_datetime(rows["timestamp"], utc=True, errors="coerce", format="ISO8601")
     rows["seed_key"] = rows["seed"].astype("float").fillna(-1).astype(int)
+    families = {d: recipe_family(d) for d in set(rows["run_dir"])}
+    rows["family"] = [families[d] for d in rows["run_dir"]]
+    group_key = [*LEADERBOARD_KEY, "family"]
     # Latest wins per (entry, seed, result): a re-run of a seed replaces its number, it does not add a sample.
     rows = rows.sort_values("time_key", kind="stable")
-    rows = rows.drop_duplicates([*LEADERBOARD_KEY, "seed_key", "evaluator", "metric", "column_variant"], keep="last")
+    rows = rows.drop_duplicates([*group_key, "seed_key", "evaluator", "metric", "column_variant"], keep="last")
 
     entries = []
-    for key, group in rows.groupby(list(LEADERBOARD_KEY), sort=False):
-        key = dict(zip(LEADERBOARD_KEY, key))
+    for key, group in rows.groupby(group_key, sort=False):
+        family = key[-1]
+        key = dict(zip(LEADERBOARD_KEY, key[:-1]))
         latest = group.iloc[-1]
         by_seed = group.drop_duplicates("seed_key", keep="last")
         entry = Entry(key=key, name=entry_name(key["checkpoint"], str(latest["run_id"])),
@@ -204,12 +233,14 @@ def build_entries(rows: pd.DataFrame, predictions: dict[str, RunPredictions] | N
                       run_dirs=dict(zip(by_seed["seed_key"], by_seed["run_dir"])), hardware=str(latest["hardware"]),
                       versions=f"sslbench {latest['sslbench_version']}, torch {latest['torch_version']}, "
                                f"timm {latest['timm_version']}",
-                      recipe_hash=str(latest["recipe_hash"]), timestamp=str(latest["timestamp"]))
+                      recipe_hash=str(latest["recipe_hash"]), timestamp=str(latest["timestamp"]), family=family)
         for record in group.itertuples(index=False):
             result_key = (record.evaluator, record.metric, record.column_variant)
             result = entry.results.get(result_key)
             if result is None:
-                fields = record.parsed_fields if record.parsed_fields is not None else fields_from_variant(record.column_variant)
+                fields = record.parsed_fields
+                if fields is None:
+                    fields = fields_from_variant(record.column_variant)
                 if entry.ema:
                     fields = {k: v for k, v in fields.items() if k != "ema"}
                 result = entry.results[result_key] = Result(record.evaluator, record.metric, record.column_variant,
@@ -227,27 +258,18 @@ def build_entries(rows: pd.DataFrame, predictions: dict[str, RunPredictions] | N
 
 
 def _make_names_unique(entries: list[Entry]) -> None:
-    """Two entries of one protocol with the same name get told apart — by their start (one recipe started from two
-    checkpoints), then their objective, then their backbone, and as a last resort a number — since tables and
-    tests look rows up by name."""
-    def duplicates() -> set[tuple[str, str]]:
-        counts: dict[tuple[str, str], int] = {}
-        for entry in entries:
-            counts[(entry.protocol, entry.name)] = counts.get((entry.protocol, entry.name), 0) + 1
-        return {key for key, n in counts.items() if n > 1}
-
-    for suffix in (lambda e: f"from {e.start}", lambda e: e.key["objective"], lambda e: e.key["backbone"]):
-        clashing = duplicates()
-        if not clashing:
-            return
-        for entry in entries:
-            if (entry.protocol, entry.name) in clashing:
-                entry.name = f"{entry.name} ({suffix(entry)})"
-    clashing, numbered = duplicates(), {}
+    """Entries of one protocol with the same name get told apart by the first of start (one recipe started from two
+    checkpoints), objective, backbone and recipe (edited between seeds) that differs among them, else by a number —
+    tables and tests look rows up by name."""
+    groups: dict[tuple[str, str], list[Entry]] = {}
     for entry in entries:
-        if (entry.protocol, entry.name) in clashing:
-            numbered[(entry.protocol, entry.name)] = numbered.get((entry.protocol, entry.name), 0) + 1
-            entry.name = f"{entry.name} #{numbered[(entry.protocol, entry.name)]}"
+        groups.setdefault((entry.protocol, entry.name), []).append(entry)
+    describe = (lambda e: f"from {e.start}", lambda e: e.key["objective"], lambda e: e.key["backbone"],
+                lambda e: f"recipe {e.family[:8]}")
+    for group in (g for g in groups.values() if len(g) > 1):
+        suffix = next((d for d in describe if len({d(e) for e in group}) == len(group)), None)
+        for number, entry in enumerate(group, 1):
+            entry.name += f" ({suffix(entry)})" if suffix else f" #{number}"
 
 
 def interval_of(result: Result, confidence: float = CONFIDENCE) -> Interval | None:
