@@ -60,9 +60,8 @@ def loader(dataset, batch_size, seed, start_step):
                           start_step=start_step)
 
 
-def compare(raw_recipe: dict, title: str, args: argparse.Namespace) -> float:
-    """Time the recipe's only stage both ways; print the table and return the ratio bare/sslbench."""
-    torch.set_num_threads(args.threads)
+def build_trainer(raw_recipe: dict, title: str, batch_size: int, steps: int):
+    """The recipe's only stage as ``sslbench run`` builds it: (trainer, objective, recipe, datasets, data info)."""
     os.environ["SSLBENCH_PROGRESS"] = "0"  # a bar redrawn every step would be measured too
     registry = get_registry()
     recipe = resolve(raw_recipe, registry, source=title)
@@ -71,11 +70,27 @@ def compare(raw_recipe: dict, title: str, args: argparse.Namespace) -> float:
     datasets = load_datasets(recipe, registry, accelerator)
     info = data_info(recipe, datasets["train"], backbone)
     stage = recipe.stages[0]
-    context = StageContext(0, len(datasets["train"]) // args.batch_size, args.steps, 1, 0, 0)
+    context = StageContext(0, len(datasets["train"]) // batch_size, steps, 1, 0, 0)
     objective = registry.get("objective", stage.objective).factory(backbone, dict(stage.options), context)
-    bare_objective = copy.deepcopy(objective)
     trainer = StageTrainer(accelerator, objective, stage, 0, recipe, datasets["train"], info, loader,
                            log=lambda record: None)
+    return trainer, objective, recipe, datasets, info
+
+
+def time_trainer(trainer, steps: int) -> float:
+    """Seconds per step of ``steps`` steps of ``trainer``, as ``sslbench run`` drives it (no checkpoints)."""
+    start = time.perf_counter()
+    trainer.run(Progress(), save=lambda progress, reason: None, checkpoint_every=0, log_every=10)
+    return (time.perf_counter() - start) / steps
+
+
+def compare(raw_recipe: dict, title: str, args: argparse.Namespace) -> float:
+    """Time the recipe's only stage both ways; print the table and return the ratio bare/sslbench."""
+    torch.set_num_threads(args.threads)
+    trainer, objective, recipe, datasets, info = build_trainer(raw_recipe, title, args.batch_size, args.steps)
+    stage = recipe.stages[0]
+    backbone = objective.backbone
+    bare_objective = copy.deepcopy(objective)
 
     frozen = frozen_names(bare_objective, stage.freeze, backbone.depth, "freeze")
     for name, param in bare_objective.named_parameters():
@@ -100,9 +115,7 @@ def compare(raw_recipe: dict, title: str, args: argparse.Namespace) -> float:
         return (time.perf_counter() - start) / len(batches)
 
     def sslbench_round() -> float:
-        start = time.perf_counter()
-        trainer.run(Progress(), save=lambda progress, reason: None, checkpoint_every=0, log_every=10)
-        return (time.perf_counter() - start) / args.steps
+        return time_trainer(trainer, args.steps)
 
     bare_round(), sslbench_round()  # warm-up: allocator, autograd graph caches
     bare_times, ours = [], []
