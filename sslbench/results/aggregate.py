@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from sslbench.core.evaluator import PerSample, format_variant
-from sslbench.results.metrics import LEADERBOARD_KEY, normalise, row_fields
+from sslbench.results.metrics import LEADERBOARD_KEY, normalise, row_fields, run_recipe
 from sslbench.results.predictions import FILENAME, RunPredictions, read_predictions
 from sslbench.results.statistics import (Interval, binomial_interval, bootstrap_interval, jackknife_interval, nmi,
                                          seed_interval)
@@ -170,11 +170,8 @@ def recipe_family(run_dir: str) -> str:
     average. Empty for a folder without a readable ``recipe.json``."""
     import hashlib
 
-    try:
-        recipe = json.loads((Path(run_dir) / "recipe.json").read_text(encoding="utf-8"))["recipe"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    if not isinstance(recipe, dict):
+    recipe = run_recipe(run_dir)
+    if not recipe:
         return ""
     trimmed = {section: ({k: v for k, v in body.items() if k not in SEED_FREE.get(section, ())}
                          if isinstance(body, dict) else body) for section, body in recipe.items()}
@@ -306,7 +303,8 @@ def long_form(entries: list[Entry]) -> pd.DataFrame:
         for result in entry.results.values():
             aggregate = result.interval
             for seed in sorted(result.values):
-                interval = result.only(seed).interval
+                # one seed: the entry's interval is that run's (computed once; a bootstrap is not free)
+                interval = aggregate if len(result.values) == 1 else result.only(seed).interval
                 sample = result.samples.get(seed)
                 records.append({
                     "dataset": entry.key["dataset"], "protocol_hash": entry.protocol,

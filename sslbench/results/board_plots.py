@@ -27,25 +27,25 @@ def plot_name(kind: str, protocol) -> str:
     return f"{kind}_{dataset}_{protocol.protocol_hash[:12]}.png"
 
 
-def per_block_curves(entry) -> tuple[str, dict[int, object]]:
-    """The per-block k-NN top-1 results of ``entry`` drawn in the overlay: k = 20 where measured (else the largest
-    k), the stream after the final norm where measured. Returns (description, ``{block: Result}``)."""
-    results = [r for r in entry.results.values() if r.evaluator == "per_block" and r.metric == "top1"
-               and isinstance(r.fields.get("block"), int)]
-    if not results:
+def per_block_curves(entry, protocol) -> tuple[str, dict[int, object]]:
+    """The per-block curve of ``entry`` drawn in the overlay: the results of the variant (k, stream) in which the
+    per-block evaluator chose the row's best block (its headline), one per block. Returns (the variant's text,
+    ``{block: Result}``); empty without a per-block headline."""
+    from sslbench.core.evaluator import format_variant
+
+    chosen = next((r for r in protocol.headlines.get(entry.name, {}).values() if r.evaluator == "per_block"), None)
+    if chosen is None:
         return "", {}
-    ks = {r.fields.get("k") for r in results}
-    k = 20 if 20 in ks else max(ks)
-    streams = {r.fields.get("stream") for r in results}
-    stream = "normed" if "normed" in streams else sorted(map(str, streams))[0]
-    chosen = {r.fields["block"]: r for r in results if r.fields.get("k") == k and str(r.fields.get("stream")) == stream
-              and not r.fields.get("std") and math.isfinite(r.mean)}
-    return f"k={k}, {stream}", dict(sorted(chosen.items()))
+    variant = {k: v for k, v in chosen.fields.items() if k != "block"}
+    curve = {r.fields["block"]: r for r in entry.results.values()
+             if r.evaluator == "per_block" and r.metric == chosen.metric and isinstance(r.fields.get("block"), int)
+             and {k: v for k, v in r.fields.items() if k != "block"} == variant and math.isfinite(r.mean)}
+    return format_variant(variant), dict(sorted(curve.items()))
 
 
 def plot_protocol_per_block(protocol, path: str | os.PathLike) -> Path | None:
     """All rows' per-block curves of one protocol on one axes, with interval bands; ``None`` without per-block rows."""
-    curves = [(entry.name, *per_block_curves(entry)) for entry in protocol.entries]
+    curves = [(entry.name, *per_block_curves(entry, protocol)) for entry in protocol.entries]
     curves = [(name, what, blocks) for name, what, blocks in curves if blocks]
     if not curves:
         return None

@@ -31,12 +31,10 @@ class Budget:
 
 def run_budget(run_dir: str | Path) -> Budget | None:
     """The budget of the run in ``run_dir``; ``None`` for a folder without training (``sslbench eval``)."""
+    from sslbench.results.metrics import run_recipe
+
     run_dir = Path(run_dir)
-    try:
-        recipe = json.loads((run_dir / "recipe.json").read_text(encoding="utf-8")).get("recipe", {})
-    except (OSError, ValueError):
-        return None
-    stages = recipe.get("stages") or []
+    stages = run_recipe(run_dir).get("stages") or []
     lines = []
     try:
         with open(run_dir / "log.jsonl", encoding="utf-8") as handle:

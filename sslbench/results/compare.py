@@ -18,7 +18,6 @@ makes is not called significant. Without per-sample records, the test over seeds
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sslbench.results.aggregate import PARTITION_STATISTICS, Entry, Result
+from sslbench.results.metrics import run_recipe
 from sslbench.results.statistics import PairedTest, mcnemar_test, paired_bootstrap, paired_jackknife, seed_test
 
 __all__ = ["Comparison", "find_base", "choose_baseline", "compare_results", "format_p", "is_named", "recipe_name"]
@@ -54,13 +54,6 @@ def recipe_name(run_id: str) -> str:
     return re.sub(r"-seed\d+$", "", run_id)
 
 
-def _read_recipe(run_dir: str) -> dict:
-    try:
-        return json.loads((Path(run_dir) / "recipe.json").read_text(encoding="utf-8")).get("recipe", {})
-    except (OSError, ValueError):
-        return {}
-
-
 def _base_run_of(entry: Entry) -> tuple[str, bool, str] | None:
     """(recipe name of the run whose checkpoint ``entry`` started from, whether it loaded that run's EMA, the run
     folder's name)."""
@@ -69,7 +62,7 @@ def _base_run_of(entry: Entry) -> tuple[str, bool, str] | None:
     parts = Path(entry.start).parts
     if "checkpoints" not in parts or parts.index("checkpoints") == 0:
         return None
-    backbone = _read_recipe(next(iter(entry.run_dirs.values()), "")).get("backbone", {})
+    backbone = run_recipe(next(iter(entry.run_dirs.values()), "")).get("backbone", {})
     folder = parts[parts.index("checkpoints") - 1]
     return recipe_name(folder), backbone.get("checkpoint_format") == "sslbench_ema", folder
 
@@ -89,7 +82,7 @@ def find_base(entry: Entry, protocol_entries: list[Entry]) -> tuple[Entry | None
         evaluated = [e for e in protocol_entries if e is not entry and e.ema == ema
                      and " → " not in e.key["checkpoint"] and Path(e.start) == Path(entry.start)]
         return (evaluated[-1] if evaluated else None), None
-    stages = _read_recipe(next(iter(candidates[0].run_dirs.values()), "")).get("stages", [])
+    stages = run_recipe(next(iter(candidates[0].run_dirs.values()), "")).get("stages", [])
     last = stages[-1].get("name") if stages else None
     final = [e for e in candidates if e.key["stage"] == last]
     chosen = (final or sorted(candidates, key=lambda e: e.timestamp))[-1]

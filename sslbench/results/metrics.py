@@ -27,7 +27,7 @@ from sslbench.core.errors import UserError
 from sslbench.core.io import atomic_write_csv, file_lock
 
 __all__ = ["MetricRow", "COLUMNS", "ROW_KEY", "LEADERBOARD_KEY", "hardware_description", "versions",
-           "write_metrics", "read_metrics", "collect_runs", "row_fields", "as_frame", "normalise"]
+           "write_metrics", "read_metrics", "collect_runs", "row_fields", "as_frame", "normalise", "run_recipe"]
 
 
 @lru_cache(maxsize=1)
@@ -227,3 +227,13 @@ def row_fields(rows: pd.DataFrame) -> list[dict[str, Any] | None]:
     if "fields" not in rows:
         return [None] * len(rows)
     return [json.loads(text) if text else None for text in rows["fields"]]
+
+
+def run_recipe(run_dir: str | os.PathLike) -> dict:
+    """The resolved recipe a run folder's ``recipe.json`` holds; ``{}`` when there is no readable one (a folder
+    of rows alone still makes leaderboard rows, without a budget, a base or a recipe family)."""
+    try:
+        recipe = json.loads((Path(run_dir) / "recipe.json").read_text(encoding="utf-8")).get("recipe", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return recipe if isinstance(recipe, dict) else {}
