@@ -159,7 +159,7 @@ def _column_variant(fields: dict | None, variant: str, checkpoint: str) -> str:
 
 
 #: What seeds of one recipe may differ in: its seed and name, and the keys the recipe hash leaves out as cosmetic
-#: (``COSMETIC`` in ``sslbench/training/spec.py``).
+#: (``COSMETIC`` in ``sslbench/training/spec.py``); the cosmetic sections (``[monitor]``) are left out whole.
 SEED_FREE = {"run": ("name", "seed", "output_dir", "checkpoint_every", "log_every", "trackers"),
              "backbone": ("checkpoint_trusted",)}
 
@@ -173,8 +173,11 @@ def recipe_family(run_dir: str) -> str:
     recipe = run_recipe(run_dir)
     if not recipe:
         return ""
+    from sslbench.training.spec import COSMETIC_SECTIONS
+
     trimmed = {section: ({k: v for k, v in body.items() if k not in SEED_FREE.get(section, ())}
-                         if isinstance(body, dict) else body) for section, body in recipe.items()}
+                         if isinstance(body, dict) else body) for section, body in recipe.items()
+               if section not in COSMETIC_SECTIONS}
     text = json.dumps(trimmed, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

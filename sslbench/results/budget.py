@@ -9,6 +9,9 @@ from files every run writes, so older runs get a budget too:
 * **training time** — per logged window, its steps × batch size ÷ its measured images/s. Time between windows
   (evaluation, checkpoints, an interrupted run waiting for ``--resume``) is not counted, so the figure is the time
   spent training, also for a resumed run.
+
+Online-monitoring lines (``"kind": "monitor"``, :mod:`sslbench.training.monitor`) are not training: they count for
+none of the three (the trainer also leaves their seconds out of the next window's images/s).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def run_budget(run_dir: str | Path) -> Budget | None:
     last: dict[int, dict] = {}
     seconds, timed, previous = 0.0, True, {}
     for record in lines:
+        if not isinstance(record, dict) or record.get("kind", "train") != "train":
+            continue
         stage = int(record.get("stage", 0))
         if stage >= len(stages):
             continue

@@ -9,7 +9,7 @@ __all__ = ["run_summary"]
 #: The files of a run folder, in the order a user looks for them, with what each is for.
 FILES = (
     ("recipe.toml", "the resolved recipe (recipe.json: with its hashes)"),
-    ("log.jsonl", "loss, learning rate, epoch and images/s of every logged step"),
+    ("log.jsonl", "loss, learning rate, epoch and images/s of every logged step (and the online k-NN of [monitor])"),
     ("metrics.csv", "every result, one row each"),
     ("predictions.npz", "per-sample records: intervals and paired tests in the leaderboard"),
     ("per_block.png", "k-NN accuracy per block (per_block.csv: the table)"),

@@ -68,6 +68,10 @@ class RunContext:
             preflight_evaluators(recipe.eval, context.evaluators, context.datasets)
             for index, stage in enumerate(recipe.stages if training else ()):   # impossible batch sizes
                 stage_length(stage, len(context.datasets["train"]), f"stages[{index}]")
+            if training:
+                from sslbench.training.monitor import preflight_monitor
+
+                preflight_monitor(recipe, context.datasets, backbone.depth)
         elif data == "synthetic":
             context.datasets = {"train": synthetic(recipe, backbone)}
         if context.datasets:

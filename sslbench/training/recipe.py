@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from sslbench.core.errors import RecipeError, UserError
+from sslbench.core.evaluator import FEATURE_OPTIONS
 from sslbench.core.options import Option, validate_options
-from sslbench.training.spec import COSMETIC, Recipe, canonical_hash, hashed_form, protocol_hash, recipe_hash
+from sslbench.training.spec import COSMETIC, COSMETIC_SECTIONS, Recipe, canonical_hash, hashed_form, protocol_hash, recipe_hash
 
 # The hashes live with the typed recipe; they are part of this module's API too.
-__all__ = ["resolve", "load_recipe", "load_toml", "to_toml", "check_run_name", "Recipe", "COSMETIC", "canonical_hash",
+__all__ = ["resolve", "load_recipe", "load_toml", "to_toml", "check_run_name", "Recipe", "COSMETIC",
+           "COSMETIC_SECTIONS", "canonical_hash",
            "hashed_form", "recipe_hash", "protocol_hash"]
 
 if sys.version_info >= (3, 11):
@@ -124,8 +126,23 @@ EVAL_COMMON = {
     "use_ema": Option(False, bool, "evaluate the EMA of the backbone (needs ema_momentum > 0 in the last stage)"),
 }
 
-SECTIONS = {"run": RUN, "backbone": BACKBONE, "data": DATA}
-TOP_LEVEL = ("run", "backbone", "data", "stages", "eval")
+MONITOR = {
+    "every_epochs": Option(0.0, float, "online k-NN every N epochs of a stage (0: off; fractions allowed)", min=0),
+    "every_steps": Option(0, int, "online k-NN every N optimiser steps of a stage (0: off; instead of every_epochs)",
+                          min=0),
+    "at_start": Option(True, bool, "also before the first training step, so the curve has a start"),
+    "train_samples": Option(5000, int, "memory: images drawn once (fixed, whatever the seed) from data.eval_train "
+                                       "(0: all of them)", min=0),
+    "test_samples": Option(1000, int, "queries: images drawn once (fixed) from data.test (0: all of them)", min=0),
+    "k": Option(20, int, "neighbours", min=1),
+    "temperature": Option(0.07, float, "vote weight exp(sim/τ)", min=0, min_exclusive=True),
+    "standardize": Option(False, bool, "standardise each dimension with the memory's mean/std first"),
+    "use_ema": Option(False, bool, "monitor the EMA of the backbone in stages that keep one (ema_momentum > 0)"),
+    **FEATURE_OPTIONS,
+}
+
+SECTIONS = {"run": RUN, "backbone": BACKBONE, "data": DATA, "monitor": MONITOR}
+TOP_LEVEL = ("run", "backbone", "data", "monitor", "stages", "eval")
 
 
 #: A run name is one path component: no separators, no "." or "..", nothing hidden, so a run folder always lies
@@ -262,9 +279,22 @@ def resolve(raw: dict, registry, source: str | None = None, check_files: bool = 
         if any(e["use_ema"] for e in recipe["eval"]) and not recipe["stages"][-1]["ema_momentum"]:
             i = next(i for i, e in enumerate(recipe["eval"]) if e["use_ema"])
             raise RecipeError(f"eval[{i}].use_ema", "the last stage keeps no EMA: set its ema_momentum > 0")
+        _check_monitor(recipe["monitor"], recipe["stages"])
     except RecipeError as exc:
         raise exc.with_source(source) if source else exc
     return Recipe.from_dict(recipe)
+
+
+def _check_monitor(monitor: dict, stages: list[dict]) -> None:
+    """What ``[monitor]`` can be checked for without data (the data-dependent checks are
+    :func:`sslbench.training.monitor.preflight_monitor`)."""
+    if monitor["every_epochs"] > 0 and monitor["every_steps"] > 0:
+        raise RecipeError("monitor.every_steps", "give every_epochs or every_steps, not both")
+    if monitor["train_samples"] and monitor["k"] > monitor["train_samples"]:
+        raise RecipeError("monitor.k", f"got {monitor['k']} neighbours, but monitor.train_samples is "
+                                       f"{monitor['train_samples']}")
+    if monitor["use_ema"] and not any(stage["ema_momentum"] for stage in stages):
+        raise RecipeError("monitor.use_ema", "no stage keeps an EMA: set a stage's ema_momentum > 0")
 
 
 def load_recipe(path: str | os.PathLike, registry=None, check_files: bool = True) -> Recipe:
@@ -300,8 +330,9 @@ def to_toml(recipe: Recipe | dict) -> str:
                 lines.append(f"{k} = {value(v)}")
         lines.append("")
 
-    for section in ("run", "backbone", "data"):
-        table(f"[{section}]", recipe[section])
+    for section in ("run", "backbone", "data", "monitor"):
+        if section in recipe:
+            table(f"[{section}]", recipe[section])
     for stage in recipe["stages"]:
         table("[[stages]]", stage)
         for sub in ("optimizer", "schedule", "options"):

@@ -68,6 +68,11 @@ class Run:
             self.progress = Progress(**self.resume_state["meta"]["progress"])
             self.backbone.vit.load_state_dict(self.resume_state["backbone"])
         self.last_saved_step = self.progress.global_step if self.resume_state is not None else None
+        self.monitor = None
+        if recipe.monitor.enabled:
+            from sslbench.training.monitor import Monitor
+
+            self.monitor = Monitor(recipe, self.datasets, acc, self.backbone)
         # The first stage to train is built now (objective, views, optimiser), before any file is written.
         self.first_trainer = None
         if self.progress.stage < len(recipe.stages):
@@ -75,7 +80,7 @@ class Run:
         if acc.is_main_process:
             open_run_folder(recipe, resume=resume, force=force, allow_optimizer_change=allow_optimizer_change)
             # Log lines past the checkpoint are written again by the resumed run (all of them without one).
-            truncate_log(self.log_path, self.progress.global_step if self.resume_state is not None else 0)
+            truncate_log(self.log_path, self.progress.global_step if self.resume_state is not None else -1)
         acc.wait_for_everyone()
         if recipe.run.trackers:
             flat = {"recipe_hash": recipe.recipe_hash, "objective": self.recipe.objective_chain()}
@@ -85,8 +90,12 @@ class Run:
         if self.accelerator.is_main_process:
             append_jsonl(self.log_path, {**record, "time": time.time()})
         if self.recipe.run.trackers:
-            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
-                                 step=record["global_step"])
+            if record.get("kind") == "monitor":          # its own names, beside the training line of the same step
+                tracked = {f"monitor/{k}": v for k, v in record.items()
+                           if k.startswith("knn_") or k == "monitor_seconds"}
+            else:
+                tracked = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            self.accelerator.log(tracked, step=record["global_step"])
 
     def _save(self, trainer: StageTrainer, progress: Progress, reason: str) -> None:
         acc = self.accelerator
@@ -108,7 +117,7 @@ class Run:
     def _build_trainer(self, index: int, previous) -> StageTrainer:
         objective, _ = self.context.objective(index, previous)
         return StageTrainer(self.accelerator, objective, self.recipe.stages[index], index, self.recipe,
-                            self.datasets["train"], self.data_info, self._loader, self._log)
+                            self.datasets["train"], self.data_info, self._loader, self._log, monitor=self.monitor)
 
     def report(self, stage_name: str) -> list[dict]:
         """Evaluate the backbone (and its EMA where asked) after a stage; write ``metrics.csv`` and refresh the

@@ -22,6 +22,9 @@ from typing import Any, Mapping
 
 # Keys that do not change what is computed, left out of the recipe hash.
 COSMETIC = {"run": ("output_dir", "checkpoint_every", "log_every", "trackers"), "backbone": ("checkpoint_trusted",)}
+# Whole sections left out of the recipe hash: ``[monitor]`` only watches training (tests/test_monitor.py proves that a
+# monitored run trains bit-identically), and recipes written before it existed keep their hashes.
+COSMETIC_SECTIONS = ("monitor",)
 
 
 def canonical_hash(obj: Any) -> str:
@@ -130,6 +133,30 @@ class EvalSpec:
     options: Mapping[str, Any]
 
 
+@dataclass(frozen=True)
+class MonitorSpec:
+    """``[monitor]``: the online k-NN on a fixed held-out subset (:mod:`sslbench.training.monitor`). The defaults
+    equal the schema's (``MONITOR`` in :mod:`sslbench.training.recipe`; a test keeps them equal), so a recipe dict
+    written before the section existed (an old ``recipe.json``) still builds."""
+
+    every_epochs: float = 0.0
+    every_steps: int = 0
+    at_start: bool = True
+    train_samples: int = 5000
+    test_samples: int = 1000
+    k: int = 20
+    temperature: float = 0.07
+    standardize: bool = False
+    use_ema: bool = False
+    block: int = -1
+    token: str = "cls"
+    norm: str = "normed"
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_epochs > 0 or self.every_steps > 0
+
+
 def _tuple(value):
     return None if value is None else tuple(value)
 
@@ -143,6 +170,7 @@ class Recipe:
     data: DataSpec
     stages: tuple[StageSpec, ...]
     eval: tuple[EvalSpec, ...]
+    monitor: MonitorSpec = field(default_factory=MonitorSpec)
     recipe_hash: str = field(default="", compare=False)
     protocol_hash: str = field(default="", compare=False)
 
@@ -162,7 +190,7 @@ class Recipe:
                      DataSpec(**{**data, "train": _readonly(data["train"]), "test": _readonly(data["test"]),
                                  "eval_train": _readonly(data["eval_train"]), "mean": _tuple(data["mean"]),
                                  "std": _tuple(data["std"])}),
-                     stages, evals)
+                     stages, evals, MonitorSpec(**(resolved.get("monitor") or {})))
         canonical = recipe.as_dict()
         object.__setattr__(recipe, "recipe_hash", recipe_hash(canonical))
         object.__setattr__(recipe, "protocol_hash", protocol_hash(canonical))
@@ -172,6 +200,7 @@ class Recipe:
         """The canonical resolved form: plain dicts and lists, an ``[[eval]]`` table flat as in the file."""
         out = {name: _plain(getattr(self, name)) for name in ("run", "backbone", "data", "stages")}
         out["eval"] = [{"name": e.name, "use_ema": e.use_ema, **_plain(e.options)} for e in self.eval]
+        out["monitor"] = _plain(self.monitor)
         return out
 
     def replace(self, **sections: Mapping[str, Any]) -> "Recipe":
@@ -195,8 +224,11 @@ class Recipe:
 
 
 def hashed_form(recipe: Mapping[str, Any] | Recipe) -> dict:
-    """The recipe without its cosmetic keys (output folder, logging cadence, trust): what the recipe hash covers."""
+    """The recipe without its cosmetic keys (output folder, logging cadence, trust) and sections (``[monitor]``):
+    what the recipe hash covers."""
     stripped = copy.deepcopy(recipe.as_dict() if isinstance(recipe, Recipe) else _plain(recipe))
+    for section in COSMETIC_SECTIONS:
+        stripped.pop(section, None)
     for section, keys in COSMETIC.items():
         for key in keys:
             stripped.get(section, {}).pop(key, None)

@@ -59,7 +59,7 @@ class StageTrainer:
     """Trains one stage. ``save`` is called with (progress, reason) when a checkpoint is due."""
 
     def __init__(self, accelerator, objective, stage: StageSpec, stage_index: int, recipe: Recipe, dataset, data_info,
-                 loader_factory: Callable, log: Callable[[dict], None]):
+                 loader_factory: Callable, log: Callable[[dict], None], monitor=None):
         self.accelerator = accelerator
         self.objective = objective
         self.stage = stage
@@ -69,6 +69,8 @@ class StageTrainer:
         self.data_info = data_info
         self.loader_factory = loader_factory
         self.log = log
+        self.monitor = monitor  # sslbench.training.monitor.Monitor or None
+        self.postfix: dict[str, str] = {}
         self.steps_per_epoch, self.total_steps = stage_length(stage, len(dataset), f"stages[{stage_index}]")
         backbone = objective.backbone
         self.frozen = frozen_names(objective, stage.freeze, backbone.depth, f"stages[{stage_index}].freeze")
@@ -113,6 +115,8 @@ class StageTrainer:
         acc = self.accelerator
         seed = self.recipe.run.seed
         self.model.train()
+        if self.monitor is not None and self.monitor.spec.at_start and progress.global_step == 0:
+            self._monitor(progress, bar)                  # the curve's start: the weights before any step
         window_images, window_start = 0, time.perf_counter()
         while progress.step < self.total_steps:
             lr = self.schedule.set(progress.step)
@@ -159,11 +163,29 @@ class StageTrainer:
                 record.update({k: float(acc.reduce(torch.as_tensor(v, device=acc.device), "mean"))
                                for k, v in logs_sum.items()})
                 self.log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                self.postfix.update(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                bar.set_postfix(self.postfix)
                 window_images, window_start = 0, time.perf_counter()
+            # Before the step's checkpoint: a resume from it keeps this line and does not measure the step again.
+            if self.monitor is not None and self.monitor.due(progress.step, self.total_steps, self.steps_per_epoch):
+                window_start += self._monitor(progress, bar)          # not training time: out of images_per_s
             bar.update(1)
             if checkpoint_every and progress.global_step % checkpoint_every == 0 and progress.step < self.total_steps:
                 save(progress, "periodic")
+
+    def _monitor(self, progress: Progress, bar) -> float:
+        """Measure the online k-NN (``[monitor]``) and log it as a ``"kind": "monitor"`` line; returns the seconds
+        it took. The backbone's EMA is measured instead where asked for and kept by this stage."""
+        use_ema = self.monitor.spec.use_ema and self.ema is not None
+        backbone = self.ema.module if use_ema else self.objective.backbone
+        scores, seconds = self.monitor.measure(backbone, keep=[self.objective])
+        self.log({"kind": "monitor", "stage": self.stage_index, "stage_name": self.stage.name, "step": progress.step,
+                  "global_step": progress.global_step, "epoch": progress.step / self.steps_per_epoch, **scores,
+                  "ema": use_ema, "monitor_seconds": seconds})
+        if "knn_top1" in scores:
+            self.postfix["knn"] = f"{scores['knn_top1']:.1f}"
+            bar.set_postfix(self.postfix)
+        return seconds
 
     def _check_finite(self, loss: torch.Tensor, grads_finite: torch.Tensor, params_finite: torch.Tensor,
                       progress: Progress, lr: float) -> None:
@@ -232,7 +254,8 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def truncate_log(path: Path, global_step: int) -> None:
-    """Drop log lines past ``global_step`` (a resumed run writes them again)."""
+    """Drop log lines past ``global_step`` (a resumed run writes them again); -1 drops every line (a run started
+    over, which also measures ``[monitor]``'s step 0 again)."""
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines()
