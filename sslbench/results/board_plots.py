@@ -2,6 +2,8 @@
 
 * ``per_block_<dataset>_<protocol>.png`` — k-NN top-1 of every block, one line per row with its 95% interval as a
   band: the MIM-Refiner paper's figure 1 view (a MIM model peaks in the middle, a refined one at the end);
+* ``learning_<dataset>_<protocol>.png`` — the online k-NN (``[monitor]``) against epoch, one line per run and seed
+  (a row's seeds in one colour), drawn only when runs logged monitor lines;
 * ``headline_<dataset>_<protocol>.png`` — the headline metrics as dots with 95% error bars, one panel per metric.
   Dots, not bars: a bar's length reads as the value, so a bar chart whose axis does not start at 0 exaggerates; a
   dot's position does not. A panel whose axis does not start at 0 says so on the axis.
@@ -18,8 +20,8 @@ from pathlib import Path
 
 from sslbench.results.plots import pyplot, save_figure
 
-__all__ = ["per_block_curves", "plot_protocol_per_block", "plot_protocol_headline", "write_board_plots",
-           "value_axis", "plot_name"]
+__all__ = ["per_block_curves", "plot_protocol_per_block", "plot_protocol_headline", "plot_protocol_learning",
+           "write_board_plots", "value_axis", "plot_name", "FIGURES"]
 
 
 def plot_name(kind: str, protocol) -> str:
@@ -64,6 +66,49 @@ def plot_protocol_per_block(protocol, path: str | os.PathLike) -> Path | None:
         axes.set_ylabel("k-NN top-1 (%)")
         axes.set_xticks(sorted({b for _, _, blocks in curves for b in blocks}))
         axes.set_title(f"{protocol.title}: k-NN per block ({curves[0][1]}); bands: 95% intervals", fontsize=9)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        figure.tight_layout()
+        return save_figure(figure, Path(path))
+    finally:
+        plt.close(figure)
+
+
+def learning_curves(protocol) -> list[tuple[str, list[list[tuple[float, float]]]]]:
+    """``[(row name, [curve of each seed, ...]), ...]``: the monitor curves
+    (:func:`sslbench.results.plots.monitor_curve`) of the protocol's rows that have any. A run appears once, under its
+    last row: the EMA rows and the rows of earlier stages (``run.evaluate = "each_stage"``) share its log."""
+    from sslbench.results.plots import monitor_curve
+
+    by_runs: dict[tuple, tuple[str, list]] = {}
+    for entry in protocol.entries:
+        if entry.ema:
+            continue
+        runs = tuple(sorted(str(d) for d in entry.run_dirs.values()))
+        curves = [monitor_curve(entry.run_dirs[seed]) for seed in sorted(entry.run_dirs)]
+        curves = [c for c in curves if c]
+        if curves:
+            by_runs[runs] = (entry.name, curves)
+    return list(by_runs.values())
+
+
+def plot_protocol_learning(protocol, path: str | os.PathLike) -> Path | None:
+    """The online k-NN top-1 of every row against epoch on one axes, its seeds in one colour; ``None`` (nothing
+    written) when no run of the protocol logged monitor lines."""
+    rows = learning_curves(protocol)
+    if not rows:
+        return None
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    try:
+        for i, (name, curves) in enumerate(rows):
+            for j, curve in enumerate(curves):
+                x, y = zip(*curve)
+                axes.plot(x, y, marker="o", markersize=3, color=f"C{i % 10}", alpha=0.9 if len(curves) == 1 else 0.7,
+                          label=name + (f" ({len(curves)} seeds)" if len(curves) > 1 else "") if j == 0 else None)
+        axes.set_xlabel("epoch (a later stage continues the count)")
+        axes.set_ylabel("online k-NN top-1 (%)")
+        axes.set_title(f"{protocol.title}: online k-NN during training ([monitor] subset)", fontsize=9)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         figure.tight_layout()
@@ -126,18 +171,23 @@ def plot_protocol_headline(protocol, path: str | os.PathLike) -> Path | None:
         plt.close(figure)
 
 
+#: The figures of a protocol, in the order a page shows them: (file-name kind, drawing function).
+FIGURES = (("headline", plot_protocol_headline), ("per_block", plot_protocol_per_block),
+           ("learning", plot_protocol_learning))
+
+
 def write_board_plots(board, out_dir: str | os.PathLike) -> list[Path]:
-    """Both figures of every protocol into ``out_dir``, and the figures of protocols that no longer have rows
-    removed (only files of these two kinds: other files in ``out_dir`` are left alone). Returns the written paths."""
+    """The figures of every protocol into ``out_dir``, and the figures that are no longer drawn removed (only files
+    of these kinds: other files in ``out_dir`` are left alone). Returns the written paths."""
     out_dir = Path(out_dir)
     written = []
     for protocol in board.protocols:
-        for kind, draw in (("headline", plot_protocol_headline), ("per_block", plot_protocol_per_block)):
+        for kind, draw in FIGURES:
             path = draw(protocol, out_dir / plot_name(kind, protocol))
             if path is not None:
                 written.append(path)
     if out_dir.is_dir():
-        for stale in (*out_dir.glob("headline_*.png"), *out_dir.glob("per_block_*.png")):
+        for stale in (path for kind, _ in FIGURES for path in out_dir.glob(f"{kind}_*.png")):
             if stale not in written:
                 stale.unlink()
     return written

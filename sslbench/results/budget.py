@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Budget", "run_budget", "format_budget", "format_count", "format_duration"]
+__all__ = ["Budget", "run_budget", "read_log", "format_budget", "format_count", "format_duration"]
 
 
 @dataclass(frozen=True)
@@ -32,28 +32,39 @@ class Budget:
     steps: int
 
 
+def read_log(run_dir: str | Path) -> list[dict] | None:
+    """The lines of ``run_dir/log.jsonl`` that parse as JSON objects (a line cut by a kill is skipped: the rest is
+    still good); ``None`` without a readable file."""
+    lines = []
+    try:
+        with open(Path(run_dir) / "log.jsonl", encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    lines.append(record)
+    except OSError:
+        return None
+    return lines
+
+
 def run_budget(run_dir: str | Path) -> Budget | None:
     """The budget of the run in ``run_dir``; ``None`` for a folder without training (``sslbench eval``)."""
     from sslbench.results.metrics import run_recipe
 
     run_dir = Path(run_dir)
     stages = run_recipe(run_dir).get("stages") or []
-    lines = []
-    try:
-        with open(run_dir / "log.jsonl", encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    lines.append(json.loads(line))
-                except ValueError:
-                    continue                   # a line cut by a kill: the rest is still good
-    except OSError:
+    lines = read_log(run_dir)
+    if lines is None:
         return None
     if not stages or not lines:
         return None
     last: dict[int, dict] = {}
     seconds, timed, previous = 0.0, True, {}
     for record in lines:
-        if not isinstance(record, dict) or record.get("kind", "train") != "train":
+        if record.get("kind", "train") != "train":
             continue
         stage = int(record.get("stage", 0))
         if stage >= len(stages):

@@ -95,6 +95,27 @@ def plot_per_block_rows(rows: pd.DataFrame, path: str | os.PathLike, title: str 
     return Path(plot_per_block(curves, path, title=title, metric=f"top1@k={largest}")) if curves else None
 
 
+def monitor_curve(run_dir: str | os.PathLike) -> list[tuple[float, float]]:
+    """The online k-NN of a run (``"kind": "monitor"`` lines of its ``log.jsonl``, :mod:`sslbench.training.monitor`)
+    as ``[(epoch, top-1), ...]``, the epochs counted over the whole run: a later stage's start from where the
+    stage before it ended (its last logged epoch). Empty without monitor lines."""
+    from sslbench.results.budget import read_log
+
+    lines = read_log(run_dir) or []
+    ended: dict[int, float] = {}
+    for record in lines:
+        if record.get("kind", "train") == "train" and isinstance(record.get("epoch"), (int, float)):
+            stage = int(record.get("stage", 0))
+            ended[stage] = max(ended.get(stage, 0.0), float(record["epoch"]))
+    curve = []
+    for record in lines:
+        value, epoch = record.get("knn_top1"), record.get("epoch")
+        if record.get("kind") == "monitor" and isinstance(value, (int, float)) and isinstance(epoch, (int, float)):
+            stage = int(record.get("stage", 0))
+            curve.append((sum(e for s, e in ended.items() if s < stage) + float(epoch), float(value)))
+    return curve
+
+
 def write_run_per_block(run_dir: str | os.PathLike, rows: pd.DataFrame | None = None) -> list[Path]:
     """``per_block.csv`` and ``per_block.png`` beside ``run_dir/metrics.csv``, if the run has per-block rows:
     ``rows`` (all the run's rows, as :func:`sslbench.results.metrics.write_metrics` returns them), else the file's."""

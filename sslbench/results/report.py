@@ -14,7 +14,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sslbench.results.board_plots import plot_name, plot_protocol_headline, plot_protocol_per_block
+from sslbench.results.board_plots import FIGURES, plot_name
 from sslbench.results.budget import format_budget
 from sslbench.results.compare import format_p
 from sslbench.results.markdown import INTRODUCTION, evaluators_of, format_value, headline_cell, short_start
@@ -117,10 +117,10 @@ def _protocol_html(protocol, page_dir: Path, plots_dir: Path, drawn: list[Path] 
     numeric = [False, False, False, True, False, *[True] * len(protocol.labels), False]
     parts.append(_table(header, rows, numeric, table_id=f"headline-{protocol.protocol_hash[:12]}"))
     figures = []
-    for kind, draw in (("headline", plot_protocol_headline), ("per_block", plot_protocol_per_block)):
+    for kind, draw in FIGURES:
         path = plots_dir / plot_name(kind, protocol)
-        figures.append(draw(protocol, path) if drawn is None else (path if path in drawn else None))
-    parts += [_image(path, f"{protocol.title} figure") for path in figures if path is not None]
+        figures.append((kind, draw(protocol, path) if drawn is None else (path if path in drawn else None)))
+    parts += [_image(path, f"{protocol.title} {kind} figure") for kind, path in figures if path is not None]
     if protocol.comparisons:
         rows = []
         for c in protocol.comparisons:
