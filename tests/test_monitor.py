@@ -51,7 +51,9 @@ def test_monitored_run_logs_knn_rows_and_trains_bit_identically(tmp_path, tiny_r
     plain, plain_dir = _write(tmp_path, tiny_recipe, "tiny", output="plain")
     watched_recipe = copy.deepcopy(tiny_recipe)
     watched_recipe["run"]["trackers"] = ["tensorboard"]                          # cosmetic too
-    watched, watched_dir = _write(tmp_path, watched_recipe, "tiny", MONITORED, output="watched")
+    # every image and the evaluator's k: the last row must be the final evaluation's k-NN
+    watched, watched_dir = _write(tmp_path, watched_recipe, "tiny", {**MONITORED, "train_samples": 0,
+                                                                    "test_samples": 0, "k": 10}, output="watched")
     assert main(["run", str(plain), "--no-progress"]) == 0
     assert main(["run", str(watched), "--no-progress"]) == 0
 
@@ -75,6 +77,9 @@ def test_monitored_run_logs_knn_rows_and_trains_bit_identically(tmp_path, tiny_r
 
     results = [pd.read_csv(d / "metrics.csv") for d in (plain_dir, watched_dir)]
     assert results[0]["value"].tolist() == results[1]["value"].tolist()
+    final = results[1].set_index(["metric", "variant"])["value"]
+    assert (rows[-1]["knn_top1"], rows[-1]["knn_top5"]) == \
+        (final[("top1", "k=10,b1.cls.normed")], final[("top5", "k=10,b1.cls.normed")])
     meta = [json.loads((d / "recipe.json").read_text()) for d in (plain_dir, watched_dir)]
     assert meta[0]["recipe_hash"] == meta[1]["recipe_hash"] and meta[0]["protocol_hash"] == meta[1]["protocol_hash"]
 
