@@ -132,8 +132,10 @@ def test_the_subsets_are_fixed_whatever_the_seed_and_leave_the_random_state_alon
 def test_the_section_is_left_out_of_the_hashes_and_round_trips(tiny_recipe, tmp_path):
     import dataclasses
 
-    from sslbench.results.aggregate import recipe_family
-    from sslbench.training.spec import MonitorSpec, Recipe
+    from sslbench.results.aggregate import SEED_FREE_SECTIONS, recipe_family
+    from sslbench.training.spec import COSMETIC_SECTIONS, MonitorSpec, Recipe
+
+    assert SEED_FREE_SECTIONS == COSMETIC_SECTIONS
 
     assert [f.name for f in dataclasses.fields(MonitorSpec)] == list(MONITOR)
     assert {f.name: f.default for f in dataclasses.fields(MonitorSpec)} == {k: o.default for k, o in MONITOR.items()}

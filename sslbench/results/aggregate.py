@@ -159,9 +159,10 @@ def _column_variant(fields: dict | None, variant: str, checkpoint: str) -> str:
 
 
 #: What seeds of one recipe may differ in: its seed and name, and the keys the recipe hash leaves out as cosmetic
-#: (``COSMETIC`` in ``sslbench/training/spec.py``); the cosmetic sections (``[monitor]``) are left out whole.
+#: (``COSMETIC`` in ``sslbench/training/spec.py``), and the sections it leaves out whole (``COSMETIC_SECTIONS``).
 SEED_FREE = {"run": ("name", "seed", "output_dir", "checkpoint_every", "log_every", "trackers"),
              "backbone": ("checkpoint_trusted",)}
+SEED_FREE_SECTIONS = ("monitor",)
 
 
 def recipe_family(run_dir: str) -> str:
@@ -173,11 +174,9 @@ def recipe_family(run_dir: str) -> str:
     recipe = run_recipe(run_dir)
     if not recipe:
         return ""
-    from sslbench.training.spec import COSMETIC_SECTIONS
-
     trimmed = {section: ({k: v for k, v in body.items() if k not in SEED_FREE.get(section, ())}
                          if isinstance(body, dict) else body) for section, body in recipe.items()
-               if section not in COSMETIC_SECTIONS}
+               if section not in SEED_FREE_SECTIONS}
     text = json.dumps(trimmed, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
