@@ -1,0 +1,1 @@
+"""Export a backbone for use without sslbench."""
