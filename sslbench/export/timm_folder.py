@@ -20,6 +20,7 @@ on top of that architecture's defaults, and a ``pretrained_cfg`` (input size, no
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -154,4 +155,7 @@ def write_timm_folder(folder: Path, vit: nn.Module, config: dict[str, Any]) -> N
     from safetensors.torch import save_file
 
     save_file(state_dict(vit), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    umask = os.umask(0)   # safetensors may create the file private (0600); give it the usual permissions
+    os.umask(umask)
+    os.chmod(folder / WEIGHTS_FILE, 0o666 & ~umask)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
