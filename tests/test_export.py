@@ -142,7 +142,7 @@ def test_config_is_timm_hub_layout(tmp_path):
 
 def test_default_model_args_are_left_out(tmp_path):
     """A backbone at the architecture's own sizes needs no model_args but its deviations (none here)."""
-    from sslbench.export.timm_folder import model_args
+    from sslbench.core.timm_export import model_args
 
     backbone = build_backbone("vit_tiny_patch16_224", pos_embed="sincos")
     assert model_args(backbone.vit, "vit_tiny_patch16_224") == {}
@@ -250,7 +250,7 @@ def test_post_norm_is_refused(tmp_path, capsys):
 
 
 def test_pre_norm_with_patch_bias_is_refused():
-    from sslbench.export.timm_folder import check_expressible, model_args
+    from sslbench.core.timm_export import check_expressible, model_args
 
     backbone = build_backbone(ARCH, **SIZES, pre_norm=True)
     with pytest.raises(UserError, match="norm_pre"):
@@ -294,7 +294,7 @@ def test_input_errors(tmp_path, capsys):
 
 
 def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
-    import sslbench.export.model_card as card
+    import sslbench.results.model_card as card
 
     source = save_sslbench(tmp_path / "backbone.pt", random_backbone("sincos", 0))
 
@@ -339,7 +339,7 @@ def test_push_with_the_real_api_offline(tmp_path, monkeypatch):
 
     import huggingface_hub.constants
 
-    from sslbench.export.hub import push_folder
+    from sslbench.commands.hub import push_folder
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
@@ -358,7 +358,7 @@ def test_push_with_the_real_api_offline(tmp_path, monkeypatch):
 def test_hub_errors_name_the_cause():
     from huggingface_hub.errors import LocalTokenNotFoundError
 
-    from sslbench.export.hub import hub_error
+    from sslbench.commands.hub import hub_error
 
     class Response:
         status_code = 403

@@ -1,7 +1,7 @@
 """`sslbench export RUN_OR_CHECKPOINT --to DIR`: a backbone as a folder plain timm loads, optionally pushed to the Hub.
 
 The folder holds ``model.safetensors`` and ``config.json`` in timm's Hub layout (see
-:mod:`sslbench.export.timm_folder`) and a ``README.md`` model card (:mod:`sslbench.export.model_card`), so that
+:mod:`sslbench.core.timm_export`) and a ``README.md`` model card (:mod:`sslbench.results.model_card`), so that
 ``timm.create_model("local-dir:DIR", pretrained=True)`` — or, once pushed with ``--push-to-hub REPO``,
 ``timm.create_model("hf-hub:REPO", pretrained=True)`` — rebuilds the backbone without sslbench.
 
@@ -222,8 +222,8 @@ def export_model(source: str, to: str, *, weights: str | None = None, recipe: st
     ``api`` replaces ``huggingface_hub.HfApi()`` for the push. Returns the folder."""
     from sslbench.core.io import atomic_directory
     from sslbench.core.registry import get_registry
-    from sslbench.export.model_card import CardFacts, headlines, model_card
-    from sslbench.export.timm_folder import check_expressible, model_args, timm_config, write_timm_folder
+    from sslbench.results.model_card import CardFacts, headlines, model_card
+    from sslbench.core.timm_export import check_expressible, model_args, timm_config, write_timm_folder
     from sslbench.results.metrics import versions
 
     if weights is not None and weights not in WEIGHTS:
@@ -278,7 +278,7 @@ def export_model(source: str, to: str, *, weights: str | None = None, recipe: st
     print(f"exported {src.path} ({src.weights} weights) to {destination}/: timm.create_model("
           f"'local-dir:{destination}', pretrained=True)")
     if push_to_hub:
-        from sslbench.export.hub import push_folder
+        from sslbench.commands.hub import push_folder
 
         try:
             url = push_folder(destination, push_to_hub, private=private, api=api)

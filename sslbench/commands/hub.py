@@ -53,7 +53,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, api: Any =
 
         api = HfApi(library_name="sslbench", library_version=__version__)
     try:
-        repo = api.create_repo(repo_id, exist_ok=True, private=private)
+        repo = api.create_repo(repo_id, exist_ok=True, private=private or None)  # None: the namespace default
         repo_id = getattr(repo, "repo_id", None) or repo_id
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
     except UserError:

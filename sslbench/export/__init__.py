@@ -1,1 +1,0 @@
-"""Export a backbone for use without sslbench."""
