@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,9 @@ import timm, torch
 assert "sslbench" not in sys.modules
 out = {}
 for folder, inputs, expected in json.loads(sys.argv[1]):
-    model = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+    # a folder, or a repository in the Hub cache as `hf download` (or timm itself) leaves it, read offline
+    name = folder if folder.startswith("hf-hub:") else "local-dir:" + folder
+    model = timm.create_model(name, pretrained=True).eval()
     with torch.no_grad():
         got = model.forward_features(torch.load(inputs))
     out[folder] = [float((got - torch.load(expected)).abs().max()), list(got.shape),
@@ -92,7 +95,8 @@ print(json.dumps(out))
 
 def test_plain_timm_gives_sslbench_features(tmp_path):
     """Learned and sin-cos position embeddings, raw and EMA weights: each export, loaded by plain timm in a process
-    without sslbench, gives its own source's features; raw and EMA differ."""
+    without sslbench (from its folder, and once from the Hub's cache layout as hf-hub:REPO), gives its own source's
+    features; raw and EMA differ."""
     x = images()
     torch.save(x, tmp_path / "x.pt")
     raw, ema = random_backbone("sincos", 0), random_backbone("sincos", 1)
@@ -107,7 +111,15 @@ def test_plain_timm_gives_sslbench_features(tmp_path):
         assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
         torch.save(features(backbone, x), tmp_path / f"{name}.pt")
         jobs.append([str(folder), str(tmp_path / "x.pt"), str(tmp_path / f"{name}.pt")])
+    # the sin-cos EMA export as if pushed to someone/tiny-vit and downloaded: the Hub cache layout, read offline
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--someone--tiny-vit"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(jobs[1][0], repo / "snapshots" / commit)
+    jobs.append(["hf-hub:someone/tiny-vit", jobs[1][1], jobs[1][2]])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
     proc = subprocess.run([sys.executable, "-c", _PLAIN, json.dumps(jobs)], capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -60,8 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    if args.private and not args.push_to_hub:
-        raise UserError("--private: only with --push-to-hub")
     export_model(args.source, args.to, weights=args.weights, recipe=args.recipe, fmt=args.format,
                  trust_checkpoint=args.trust_checkpoint, force=args.force, license=args.license,
                  push_to_hub=args.push_to_hub, private=args.private)

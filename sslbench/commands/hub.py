@@ -37,8 +37,8 @@ def hub_error(exc: BaseException, repo_id: str) -> str:
         return f"{prefix} the Hub answered HTTP {status} ({detail})"
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)) or any(
             n in names for n in ("ConnectError", "TransportError", "RequestError", "HTTPError")):
-        return (f"{prefix} cannot reach the Hugging Face Hub (offline, a proxy, or HF_ENDPOINT set wrong; "
-                f"HF_HUB_OFFLINE=1 means no network by design) ({type(exc).__name__}: {detail})")
+        return (f"{prefix} cannot reach the Hugging Face Hub (no network, a proxy, or a wrong HF_ENDPOINT) "
+                f"({type(exc).__name__}: {detail})")
     return f"{prefix} upload failed ({type(exc).__name__}: {detail})"
 
 
