@@ -8,6 +8,7 @@
     sslbench leaderboard [DIR] [--plots]   the leaderboard of every run in DIR (default runs/), written into DIR
     sslbench report [DIR]                  the leaderboard as one self-contained HTML page, DIR/report.html
     sslbench publish RUN_DIR... [--to DIR] copy finished runs without their checkpoints into results/
+    sslbench export RUN_OR_CKPT --to DIR   a folder plain timm loads (local-dir:DIR); --push-to-hub REPO uploads it
 
 ``KEY=VALUE`` overrides change one recipe value on the command line (``stages[1].epochs=5``); see
 :mod:`sslbench.training.overrides`. Errors caused by input (a bad recipe key, a missing file) print one line and exit with code 2; ``--debug`` shows
@@ -138,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--to", default="results", help="destination folder (default: results)")
     p.add_argument("--force", action="store_true", help="replace a published run of the same name")
+
+    from sslbench.commands.export import add_arguments as add_export_arguments
+    add_export_arguments(sub.add_parser("export", help="a run's backbone as a folder plain timm loads, or on the Hub"))
     return parser
 
 
@@ -197,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
 
             publish_runs(args.run_dirs, args.to, force=args.force)
             return 0
+        if args.command == "export":
+            from sslbench.commands.export import export_command
+
+            return export_command(args)
     except UserError as exc:
         if args.debug:
             traceback.print_exc()
