@@ -11,8 +11,8 @@
     sslbench export RUN_OR_CKPT --to DIR   a folder plain timm loads (local-dir:DIR); --push-to-hub REPO uploads it
 
 ``KEY=VALUE`` overrides change one recipe value on the command line (``stages[1].epochs=5``); see
-:mod:`sslbench.training.overrides`. Errors caused by input (a bad recipe key, a missing file) print one line and exit with code 2; ``--debug`` shows
-the traceback.
+:mod:`sslbench.training.overrides`. Errors caused by input (a bad recipe key, a missing file) print one line and
+exit with code 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ examples:
   sslbench run recipes/fmnist/mae.toml --dry-run            one step per stage on synthetic images, nothing written
   sslbench eval recipes/fmnist/eval_suite.toml --checkpoint runs/fmnist_mae/checkpoints/backbone.pt
   sslbench leaderboard runs --plots && sslbench report runs
+  sslbench export runs/quickstart --to exported/quickstart  a folder plain timm loads: local-dir:exported/quickstart
   sslbench list --options                                   every objective, evaluator, dataset and their options
 
 overrides: KEY is a dotted path with list indices (run.seed, stages[1].epochs, stages[0].options.mask_ratio,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sslbench.core.errors import UserError
+from sslbench.data.hub import is_network_error
 
 __all__ = ["push_folder", "hub_error"]
 
@@ -35,8 +36,8 @@ def hub_error(exc: BaseException, repo_id: str) -> str:
         return f"{prefix} not a valid repository id; expected NAMESPACE/NAME ({detail})"
     if status is not None:
         return f"{prefix} the Hub answered HTTP {status} ({detail})"
-    if isinstance(exc, (ConnectionError, TimeoutError, OSError)) or any(
-            n in names for n in ("ConnectError", "TransportError", "RequestError", "HTTPError")):
+    if isinstance(exc, (ConnectionError, TimeoutError, OSError)) or is_network_error(exc) or any(
+            n in names for n in ("RequestError", "HTTPError")):
         return (f"{prefix} cannot reach the Hugging Face Hub (no network, a proxy, or a wrong HF_ENDPOINT) "
                 f"({type(exc).__name__}: {detail})")
     return f"{prefix} upload failed ({type(exc).__name__}: {detail})"

@@ -16,7 +16,7 @@ from typing import Any
 
 from sslbench.core.errors import UserError
 
-__all__ = ["check_hub_dataset", "hub_offline"]
+__all__ = ["check_hub_dataset", "hub_offline", "is_network_error"]
 
 LOCAL_ALTERNATIVE = ('a local copy works without the hub: data.train = { source = "imagefolder", path = '
                      '"/data/imagenet/train" } (one sub-folder of images per class), or source = "disk" / "parquet"')
@@ -33,14 +33,14 @@ def _names(exc: BaseException) -> set[str]:
     return {cls.__name__ for cls in type(exc).__mro__}
 
 
-def _is_network_error(exc: BaseException) -> bool:
+def is_network_error(exc: BaseException) -> bool:
     """A failure to reach the server at all, whichever HTTP client huggingface_hub uses (httpx or requests)."""
     names = _names(exc)
     if names & {"ConnectError", "ConnectTimeout", "ConnectionError", "TimeoutException", "Timeout", "ReadTimeout",
                 "NetworkError", "TransportError", "OfflineModeIsEnabled", "LocalEntryNotFoundError"}:
         return True
     cause = exc.__cause__ or exc.__context__
-    return cause is not None and cause is not exc and _is_network_error(cause)
+    return cause is not None and cause is not exc and is_network_error(cause)
 
 
 def check_hub_dataset(path: str, key: str, api: Any = None, timeout: float = 10.0) -> None:
@@ -63,7 +63,7 @@ def check_hub_dataset(path: str, key: str, api: Any = None, timeout: float = 10.
         raise UserError(f"{where} was not found on the Hub (check the name; a private dataset also looks like this "
                         f"without a token: {TOKEN_HINT}); {LOCAL_ALTERNATIVE}") from None
     except Exception as exc:  # noqa: BLE001 - classified below; anything unexpected keeps its own first line
-        if _is_network_error(exc):
+        if is_network_error(exc):
             raise UserError(f"{where}: cannot reach the Hugging Face Hub ({_first_line(exc)}); offline? If the "
                             "dataset is already in your Hugging Face cache, set HF_HUB_OFFLINE=1 to use it; "
                             f"else {LOCAL_ALTERNATIVE}") from None
