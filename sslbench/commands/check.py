@@ -4,6 +4,8 @@ recipe checks in seconds and without memory."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from sslbench.core.errors import RecipeError
@@ -21,16 +23,16 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
 
-def check_recipe(path: str, allow_missing: bool = False) -> int:
+def check_recipe(path: str, allow_missing: bool = False, overrides: Sequence[str] = ()) -> int:
     try:
-        return _check(path, allow_missing)
+        return _check(path, allow_missing, overrides)
     except RecipeError as exc:  # raised while building: name the recipe file
         raise (exc if exc.source else exc.with_source(str(path))) from None
 
 
-def _check(path: str, allow_missing: bool) -> int:
+def _check(path: str, allow_missing: bool, overrides: Sequence[str]) -> int:
     registry = get_registry()
-    recipe = load_recipe(path, registry, check_files=not allow_missing)
+    recipe = load_recipe(path, registry, check_files=not allow_missing, overrides=overrides)
     print(f"# {path}: valid")
     print(f"# recipe hash   {recipe.recipe_hash[:16]}")
     print(f"# protocol hash {recipe.protocol_hash[:16]}")

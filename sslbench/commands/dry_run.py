@@ -15,6 +15,8 @@ memory (``ru_maxrss``), loads no data and writes nothing: the run folder, result
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import dataclasses
 import resource
 import tempfile
@@ -85,11 +87,11 @@ def _one_step_stage(stage: StageSpec, n: int) -> StageSpec:
     return dataclasses.replace(stage, batch_size=n, grad_accum=1, steps=1, epochs=None)
 
 
-def dry_run_recipe(path: str, seed: int | None = None) -> int:
+def dry_run_recipe(path: str, seed: int | None = None, overrides: Sequence[str] = ()) -> int:
     """Validate ``path``, build everything and take one optimiser step per stage; print the figures."""
     start = time.perf_counter()
     registry = get_registry()
-    recipe = load_recipe(path, registry, check_files=False)
+    recipe = load_recipe(path, registry, check_files=False, overrides=overrides)
     if seed is not None:
         recipe = recipe.replace(run={"seed": seed})
     with tempfile.TemporaryDirectory(prefix="sslbench-dry-run-") as scratch:

@@ -13,6 +13,8 @@ file is ``<run>/checkpoints/*.pt`` next to that run's ``recipe.json``, else ``pr
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import json
 import re
 from pathlib import Path
@@ -98,7 +100,8 @@ def _check_dir(run_dir: Path) -> None:
 
 
 def evaluate_checkpoint(recipe_path: str, checkpoint: str, fmt: str | None = None, name: str | None = None,
-                        progress: bool = True, trust_checkpoint: bool = False) -> Path | None:
+                        progress: bool = True, trust_checkpoint: bool = False,
+                        overrides: Sequence[str] = ()) -> Path | None:
     """Evaluate ``checkpoint`` with the recipe's evaluations; returns the output folder (``None`` on processes
     other than the main one). Input problems raise :class:`UserError`.
 
@@ -114,7 +117,7 @@ def evaluate_checkpoint(recipe_path: str, checkpoint: str, fmt: str | None = Non
 
     registry = get_registry()
     # The recipe's own checkpoint is replaced, so it need not exist here.
-    recipe = load_recipe(recipe_path, registry, check_files=False)
+    recipe = load_recipe(recipe_path, registry, check_files=False, overrides=overrides)
     if not recipe.eval:
         raise UserError(f"{recipe_path}: has no [[eval]] section; nothing to evaluate")
     path = Path(checkpoint)

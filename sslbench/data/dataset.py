@@ -101,12 +101,15 @@ class ImageDataset:
 
 @dataclass(frozen=True)
 class DataSource:
-    """A named way to obtain an :class:`ImageDataset`: its options schema and its ``load(**options)`` function."""
+    """A named way to obtain an :class:`ImageDataset`: its options schema, its ``load(**options)`` function and,
+    optionally, ``check(key, **options)``: a quick test (a path exists, the hub has the dataset) that raises a
+    one-line :class:`~sslbench.core.errors.UserError` naming ``key``, run before the model is built."""
 
     name: str
     description: str
     options: dict[str, Option]
     load: Callable[..., ImageDataset]
+    check: Callable[..., None] | None = None
 
     def build(self, given: Mapping[str, Any] | None, key_path: str) -> ImageDataset:
         """Validate the recipe table ``given`` (errors name ``key_path``) and load the dataset."""

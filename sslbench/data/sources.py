@@ -14,11 +14,9 @@ own fingerprint and our options, so the second run does not decode again. A Hugg
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
-import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,12 +28,12 @@ import torch.nn.functional as F
 from sslbench.data.dataset import DataSource, ImageDataset, compute_fingerprint
 from sslbench.core.errors import UserError
 from sslbench.data.decoding import decode_rows, to_array_checked
+from sslbench.data.hub import LOCAL_ALTERNATIVE, hub_offline
+from sslbench.data.idx import FASHION_MNIST_ENV, FASHION_MNIST_HUB, FASHION_MNIST_ROOT, find_idx, read_idx
+from sslbench.data.source_checks import check_fashion_mnist, check_hf, check_local_path, check_parquet
 from sslbench.data.lazy import STORAGES, keep_lazy, lazy_images
 from sslbench.core.options import Option
 
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian/Ubuntu package `dataset-fashion-mnist`
-FASHION_MNIST_ENV = "SSLBENCH_FASHION_MNIST"
-FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot"]
 CACHE_ENV = "SSLBENCH_CACHE"
@@ -56,39 +54,6 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
 
 def _take(images: torch.Tensor, labels: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     return (images[:limit], labels[:limit]) if limit else (images, labels)
-
-
-# --------------------------------------------------------------------------------------------- IDX (Fashion-MNIST)
-
-# IDX type codes (http://yann.lecun.com/exdb/mnist/): the third magic byte; data is big-endian.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Parse an IDX file (optionally gzipped): magic ``00 00 <type> <ndim>``, ``ndim`` big-endian uint32 dims, data."""
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise UserError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise UserError(f"{path}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    count = int(np.prod(dims, dtype=np.int64))
-    if len(raw) - header != count * dtype.itemsize:
-        raise UserError(f"{path}: IDX dims {dims} need {count * dtype.itemsize} bytes, file has {len(raw) - header}")
-    return np.frombuffer(raw, dtype, count, header).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def _find_idx(root: Path, stem: str) -> Path | None:
-    for name in (f"{stem}.gz", stem):
-        if (root / name).is_file():
-            return root / name
-    return None
 
 
 # ------------------------------------------------------------------------------------------------ Hugging Face
@@ -116,7 +81,9 @@ def _open_hf(kind: str, path: str, config: str | None, split: str | None, hf_cac
         else:
             raise ValueError(f"unknown Hugging Face source kind {kind!r}")
     except Exception as err:  # the hub, the file system and datasets' own checks all fail in their own types
-        raise UserError(f"could not load {what}: {_first_line(err)}") from err
+        hint = ("; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set, so only the Hugging Face cache is used: unset it to "
+                f"download, or {LOCAL_ALTERNATIVE}" if kind == "hf" and hub_offline() else "")
+        raise UserError(f"could not load {what}: {_first_line(err)}{hint}") from err
     if isinstance(ds, datasets.DatasetDict):
         if split is None or split not in ds:
             raise UserError(f"{what} holds splits {sorted(ds)}; set split to one of them (got {split!r})")
@@ -280,8 +247,8 @@ def load_fashion_mnist(split: str = "train", root: str | None = None, limit: int
     """
     folder = Path(root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_ROOT)
     prefix = "train" if split == "train" else "t10k"
-    image_file = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
-    label_file = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+    image_file = find_idx(folder, f"{prefix}-images-idx3-ubyte")
+    label_file = find_idx(folder, f"{prefix}-labels-idx1-ubyte")
     if image_file and label_file:
         images = torch.from_numpy(read_idx(image_file).astype(np.uint8)).unsqueeze(1)
         labels = torch.from_numpy(read_idx(label_file).astype(np.int64))
@@ -382,12 +349,13 @@ DIGITS_OPTIONS = {
 }
 
 BUILTIN_SOURCES: dict[str, DataSource] = {source.name: source for source in [
-    DataSource("hf", "Hugging Face hub dataset (datasets.load_dataset)", HF_OPTIONS, load_hf),
-    DataSource("imagefolder", "local folder of class sub-folders of images", IMAGEFOLDER_OPTIONS, load_imagefolder),
-    DataSource("disk", "folder written by datasets' save_to_disk", DISK_OPTIONS, load_disk),
-    DataSource("parquet", "parquet file(s) with an image column", PARQUET_OPTIONS, load_parquet),
+    DataSource("hf", "Hugging Face hub dataset (datasets.load_dataset)", HF_OPTIONS, load_hf, check_hf),
+    DataSource("imagefolder", "local folder of class sub-folders of images", IMAGEFOLDER_OPTIONS, load_imagefolder,
+               check_local_path),
+    DataSource("disk", "folder written by datasets' save_to_disk", DISK_OPTIONS, load_disk, check_local_path),
+    DataSource("parquet", "parquet file(s) with an image column", PARQUET_OPTIONS, load_parquet, check_parquet),
     DataSource("fashion_mnist", "Fashion-MNIST 28x28 grey, 10 classes (Debian IDX files or the hub)",
-               FASHION_MNIST_OPTIONS, load_fashion_mnist),
+               FASHION_MNIST_OPTIONS, load_fashion_mnist, check_fashion_mnist),
     DataSource("digits", "scikit-learn's 8x8 digits, upsampled; embedded, no download", DIGITS_OPTIONS,
                load_digits),
 ]}

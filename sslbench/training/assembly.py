@@ -72,6 +72,18 @@ def load_source(table, registry, key: str):
         raise UserError(f"{key}: {exc}") from None
 
 
+def check_sources(recipe: Recipe, registry) -> None:
+    """Each data source's quick check (a folder exists, the hub has the dataset and lets us in), before anything
+    slow — building a large model, decoding images — is started."""
+    data = recipe.data
+    for key, table in (("data.train", data.train), ("data.test", data.test), ("data.eval_train", data.eval_train)):
+        if table is None:
+            continue
+        source = registry.get("dataset", table["source"]).factory
+        if getattr(source, "check", None) is not None:
+            source.check(key, **{k: v for k, v in table.items() if k != "source"})
+
+
 def load_datasets(recipe: Recipe, registry, accelerator=None) -> dict:
     """train, test and eval_train datasets (eval_train is train unless the recipe names another).
 

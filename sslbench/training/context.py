@@ -18,7 +18,7 @@ import torch
 
 from sslbench.core.objective import DataInfo, StageContext
 from sslbench.evaluation.suite import build_evaluators, preflight_evaluators
-from sslbench.training.assembly import build_model, data_info, load_datasets, make_accelerator
+from sslbench.training.assembly import build_model, check_sources, data_info, load_datasets, make_accelerator
 from sslbench.training.spec import Recipe
 from sslbench.training.trainer import stage_length
 
@@ -59,6 +59,8 @@ class RunContext:
         """``data``: ``"load"`` (the recipe's sources; evaluators checked against them), ``"synthetic"``
         (``synthetic(recipe, backbone)`` builds the training set) or ``"none"``. ``training=False`` (``eval``)
         skips checking the stages against the data."""
+        if data == "load":   # a missing folder or an unreachable hub dataset fails before the model is built
+            check_sources(recipe, registry)
         acc = make_accelerator(recipe) if accelerator else None
         backbone, report = build_model(recipe, registry, load_weights=load_weights)
         context = cls(recipe, registry, backbone, report, acc,

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from sslbench.core.errors import RecipeError, UserError
 from sslbench.core.evaluator import FEATURE_OPTIONS
@@ -69,6 +69,8 @@ BACKBONE = {
                                               "besides tensors (fairseq's data2vec 2.0 files); unpickling runs "
                                               "code from the file: only for a file from a trusted source. Applies "
                                               "to this file only, never to one given on the command line"),
+    "checkpoint_url": Option(None, str, "where to get backbone.checkpoint (a URL); said when the file is missing",
+                             nullable=True),
 }
 
 DATA = {
@@ -156,6 +158,17 @@ def check_run_name(name: str, key: str = "run.name") -> str:
         raise RecipeError(key, f"got {name!r}, expected one folder name of 1-128 letters, digits and _ . + = - "
                                "(not starting with . or -)")
     return name
+
+
+def missing_checkpoint(path: str, url: str | None, recipe: str | None = None) -> str:
+    """What to say when ``backbone.checkpoint`` is not on this machine: where to get it, and how to check or try
+    the rest of the recipe without it."""
+    get = (f"download it from {url} to that path (relative to the folder you launch from)" if url else
+           "set backbone.checkpoint to the weights file, or remove it to train from scratch")
+    recipe = recipe or "RECIPE"
+    return (f"file not found: {path} (from {Path.cwd()}); {get}. Without the file, `sslbench check {recipe} "
+            f"--allow-missing-files` validates the rest and `sslbench run {recipe} --dry-run` takes one step on "
+            "random weights")
 
 
 def load_toml(path: str | os.PathLike) -> dict:
@@ -266,7 +279,8 @@ def resolve(raw: dict, registry, source: str | None = None, check_files: bool = 
         backbone = recipe["backbone"]
         _plugin(registry, "checkpoint_format", backbone["checkpoint_format"], "backbone.checkpoint_format")
         if check_files and backbone["checkpoint"] and not Path(backbone["checkpoint"]).is_file():
-            raise RecipeError("backbone.checkpoint", f"file not found: {backbone['checkpoint']}")
+            raise RecipeError("backbone.checkpoint", missing_checkpoint(backbone["checkpoint"],
+                                                                        backbone["checkpoint_url"], source))
         data = recipe["data"]
         for split in ("train", "test", "eval_train"):
             if data[split] is not None:
@@ -297,16 +311,34 @@ def _check_monitor(monitor: dict, stages: list[dict]) -> None:
         raise RecipeError("monitor.use_ema", "no stage keeps an EMA: set a stage's ema_momentum > 0")
 
 
-def load_recipe(path: str | os.PathLike, registry=None, check_files: bool = True) -> Recipe:
-    """Read, validate and resolve a recipe file."""
+def load_recipe(path: str | os.PathLike, registry=None, check_files: bool = True,
+                overrides: Sequence[str] = ()) -> Recipe:
+    """Read, validate and resolve a recipe file, with command-line ``overrides`` (``KEY=VALUE``,
+    :mod:`sslbench.training.overrides`) applied to its contents first. An error in an overridden key names the
+    override along with the file."""
     from sslbench.core.registry import get_registry
+    from sslbench.training.overrides import apply_overrides, overrides_touching, parse_override
 
     registry = registry or get_registry()
-    return resolve(load_toml(path), registry, source=str(path), check_files=check_files)
+    raw = load_toml(path)
+    try:
+        parsed = [parse_override(text) for text in overrides]
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    try:
+        raw = apply_overrides(raw, parsed)
+        recipe = resolve(raw, registry, source=str(path), check_files=check_files)
+    except RecipeError as exc:
+        touching = overrides_touching(exc.key, parsed)
+        where = f"{path} with " + " ".join(o.text for o in touching) if touching else str(path)
+        raise exc.with_source(where) from None
+    return recipe.with_overrides(tuple(o.text for o in parsed)) if parsed else recipe
 
 
 def to_toml(recipe: Recipe | dict) -> str:
-    """Write a resolved recipe back as TOML (None values are left out: TOML has no null)."""
+    """Write a resolved recipe back as TOML (None values are left out: TOML has no null); a recipe that came with
+    command-line overrides says so in a comment at the top."""
+    overrides = recipe.overrides if isinstance(recipe, Recipe) else ()
     recipe = recipe.as_dict() if isinstance(recipe, Recipe) else recipe
     lines: list[str] = []
 
@@ -330,6 +362,9 @@ def to_toml(recipe: Recipe | dict) -> str:
                 lines.append(f"{k} = {value(v)}")
         lines.append("")
 
+    if overrides:
+        lines += ["# resolved by sslbench from the recipe file with these command-line overrides:",
+                  "#   " + " ".join(overrides), ""]
     for section in ("run", "backbone", "data", "monitor"):
         if section in recipe:
             table(f"[{section}]", recipe[section])

@@ -12,6 +12,7 @@ import random
 import re
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -221,13 +222,14 @@ def environment_banner() -> str:
 
 
 def run_recipe(path: str, *, resume: bool = False, force: bool = False, seed: int | None = None,
-               allow_optimizer_change: bool = False) -> Path:
-    """Train and evaluate a recipe file; returns the run folder."""
+               allow_optimizer_change: bool = False, overrides: Sequence[str] = ()) -> Path:
+    """Train and evaluate a recipe file, with command-line ``overrides`` (``KEY=VALUE``); returns the run
+    folder."""
     from sslbench.core.registry import get_registry
     from sslbench.training.recipe import check_run_name, load_recipe
 
     registry = get_registry()
-    recipe = load_recipe(path, registry)
+    recipe = load_recipe(path, registry, overrides=overrides)
     if seed is not None:
         recipe = recipe.replace(run={"seed": seed,
                                      "name": check_run_name(f"{recipe.run.name}-seed{seed}", "--seed")})

@@ -51,7 +51,9 @@ def write_meta(run_dir: Path, recipe: Recipe, **extra: Any) -> None:
     atomic_write_text(run_dir / "recipe.toml", to_toml(recipe))
     atomic_write_text(run_dir / META, json.dumps({"recipe_hash": recipe.recipe_hash,
                                                   "protocol_hash": recipe.protocol_hash,
-                                                  "sslbench_version": __version__, **extra,
+                                                  "sslbench_version": __version__,
+                                                  **({"overrides": list(recipe.overrides)}
+                                                     if recipe.overrides else {}), **extra,
                                                   "recipe": recipe.as_dict()},
                                                  indent=2))
 
@@ -121,6 +123,9 @@ def reopen_check(run_dir: Path, recipe: Recipe, *, resume: bool, allow_optimizer
         hint = "pass --allow-optimizer-change to resume with these optimiser settings (recorded in recipe.json)"
     else:
         hint = "rename run.name, or pass --force to start over"
+    given = meta.get("overrides") or []
+    if given and list(given) != list(recipe.overrides):
+        hint = f"it was run with the command-line overrides {' '.join(given)} (give them again), or {hint}"
     raise UserError(f"{run_dir}: holds a run of a different recipe{what}; {hint}")
 
 

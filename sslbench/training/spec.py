@@ -21,7 +21,8 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 # Keys that do not change what is computed, left out of the recipe hash.
-COSMETIC = {"run": ("output_dir", "checkpoint_every", "log_every", "trackers"), "backbone": ("checkpoint_trusted",)}
+COSMETIC = {"run": ("output_dir", "checkpoint_every", "log_every", "trackers"),
+            "backbone": ("checkpoint_trusted", "checkpoint_url")}
 # Whole sections left out of the recipe hash: ``[monitor]`` only watches training (tests/test_monitor.py proves that a
 # monitored run trains bit-identically), and recipes written before it existed keep their hashes.
 COSMETIC_SECTIONS = ("monitor",)
@@ -74,6 +75,7 @@ class BackboneSpec:
     checkpoint: str | None
     checkpoint_format: str
     checkpoint_trusted: bool
+    checkpoint_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,8 @@ class Recipe:
     monitor: MonitorSpec = field(default_factory=MonitorSpec)
     recipe_hash: str = field(default="", compare=False)
     protocol_hash: str = field(default="", compare=False)
+    #: the command-line overrides (``KEY=VALUE``) it was resolved with; their effect is in the sections above
+    overrides: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def from_dict(cls, resolved: Mapping[str, Any]) -> "Recipe":
@@ -212,7 +216,13 @@ class Recipe:
                 resolved[name] = {**resolved[name], **copy.deepcopy(dict(changes))}
             else:
                 resolved[name] = _plain(changes)
-        return Recipe.from_dict(resolved)
+        return Recipe.from_dict(resolved).with_overrides(self.overrides)
+
+    def with_overrides(self, overrides: tuple[str, ...]) -> "Recipe":
+        """The same recipe, recording the command-line overrides it came from (not hashed: their effect is)."""
+        recipe = copy.copy(self)
+        object.__setattr__(recipe, "overrides", tuple(overrides))
+        return recipe
 
     def objective_chain(self) -> str:
         """The stages' objectives, consecutive repeats once: ``"mae_ct"``, ``"mae+mim_refiner"``."""
