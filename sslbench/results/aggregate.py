@@ -161,7 +161,7 @@ def _column_variant(fields: dict | None, variant: str, checkpoint: str) -> str:
 #: What seeds of one recipe may differ in: its seed and name, and the keys the recipe hash leaves out as cosmetic
 #: (``COSMETIC`` in ``sslbench/training/spec.py``), and the sections it leaves out whole (``COSMETIC_SECTIONS``).
 SEED_FREE = {"run": ("name", "seed", "output_dir", "checkpoint_every", "log_every", "trackers"),
-             "backbone": ("checkpoint_trusted",)}
+             "backbone": ("checkpoint_trusted", "checkpoint_url")}
 SEED_FREE_SECTIONS = ("monitor",)
 
 
