@@ -137,3 +137,23 @@ def stage_spec(**changes):
     return StageSpec(**{**stage, "name": stage["name"] or "stage0", "freeze": tuple(stage["freeze"]),
                         "optimizer": OptimizerSpec(**{**optimizer, "betas": tuple(optimizer["betas"])}),
                         "schedule": ScheduleSpec(**schedule)})
+
+
+@pytest.fixture
+def refused(capsys):
+    """``refused(argv, *expected)``: the command exits 2 with exactly one ``error:`` line on stderr that contains
+    every ``expected`` text, and raises no exception (an escaped exception would be a traceback)."""
+
+    def check(argv: list[str], *expected: str) -> str:
+        capsys.readouterr()
+        from sslbench.cli import main
+
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, f"exit {code}, stderr: {err}"
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        for text in expected:
+            assert text in err[0], f"{text!r} not in {err[0]!r}"
+        return err[0]
+
+    return check

@@ -11,18 +11,8 @@ from types import SimpleNamespace
 import pytest
 from huggingface_hub import errors
 
-from sslbench.cli import main
 from sslbench.core.errors import UserError
 from sslbench.data.hub import check_hub_dataset
-
-
-def _error_line(capsys, argv) -> str:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, (code, err)
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 def _hub_error(cls, message: str) -> Exception:
@@ -120,7 +110,7 @@ def _hub_recipe(tiny_recipe, path="ILSVRC/imagenet-1k"):
 
 
 def test_a_run_on_an_unreachable_hub_dataset_fails_before_the_model_is_built(tiny_recipe, write_recipe, tmp_path,
-                                                                            capsys, monkeypatch, online):
+                                                                            refused, monkeypatch, online):
     """On this machine the hub cannot be reached; elsewhere the same dataset is gated. Either way: one line naming
     the dataset and the local alternative, and no model built, nothing written."""
     import sslbench.training.context as context
@@ -131,19 +121,19 @@ def test_a_run_on_an_unreachable_hub_dataset_fails_before_the_model_is_built(tin
     monkeypatch.setattr(context, "build_model", no_model)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    line = _error_line(capsys, ["run", write_recipe(_hub_recipe(tiny_recipe)), "--no-progress"])
+    line = refused(["run", write_recipe(_hub_recipe(tiny_recipe)), "--no-progress"])
     assert "data.train: Hugging Face dataset 'ILSVRC/imagenet-1k'" in line and 'source = "imagefolder"' in line
     assert "cannot reach the Hugging Face Hub" in line or "is gated" in line
     assert not (tmp_path / "runs").exists()
 
 
-def test_offline_mode_without_the_dataset_in_the_cache(tiny_recipe, write_recipe, tmp_path, capsys, monkeypatch):
+def test_offline_mode_without_the_dataset_in_the_cache(tiny_recipe, write_recipe, tmp_path, refused, monkeypatch):
     import sslbench.training.context as context
 
     monkeypatch.setattr(context, "build_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    line = _error_line(capsys, ["run", write_recipe(_hub_recipe(tiny_recipe)), "--no-progress"])
+    line = refused(["run", write_recipe(_hub_recipe(tiny_recipe)), "--no-progress"])
     assert "is not in the Hugging Face cache and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set" in line
     assert "unset it to download" in line and 'source = "imagefolder"' in line
 
@@ -152,24 +142,24 @@ def test_offline_mode_without_the_dataset_in_the_cache(tiny_recipe, write_recipe
                                              ("disk", "data.train.path: no such file or folder"),
                                              ("parquet", "data.train.path: no parquet file matches")])
 def test_missing_local_data_fails_before_the_model_is_built(source, expected, tiny_recipe, write_recipe, tmp_path,
-                                                            capsys, monkeypatch):
+                                                            refused, monkeypatch):
     import sslbench.training.context as context
 
     monkeypatch.setattr(context, "build_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
     recipe = copy.deepcopy(tiny_recipe)
     recipe["data"]["train"] = {"source": source, "path": str(tmp_path / "nowhere" / "*.parquet")}
-    line = _error_line(capsys, ["run", write_recipe(recipe), "--no-progress"])
+    line = refused(["run", write_recipe(recipe), "--no-progress"])
     assert expected in line and str(tmp_path / "nowhere") in line
 
 
-def test_missing_checkpoint_says_where_to_get_it_and_how_to_go_on(capsys, tmp_path, monkeypatch):
+def test_missing_checkpoint_says_where_to_get_it_and_how_to_go_on(refused, tmp_path, monkeypatch):
     """The flagship recipe on a machine without its weights (run from an empty folder, so the relative path is
     missing wherever the tests run)."""
     from pathlib import Path
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "mimrefiner_vitl.toml"
     monkeypatch.chdir(tmp_path)
-    line = _error_line(capsys, ["run", recipe])
+    line = refused(["run", recipe])
     assert "backbone.checkpoint: file not found: checkpoints/mae_pretrain_vit_large.pth" in line
     assert "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_large.pth" in line
     assert f"sslbench check {recipe} --allow-missing-files" in line and "--dry-run" in line

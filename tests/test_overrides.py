@@ -14,15 +14,6 @@ from sslbench.training.overrides import apply_overrides, parse_override, parse_v
 from sslbench.training.recipe import load_recipe
 
 
-def _error_line(capsys, argv) -> str:
-    capsys.readouterr()
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, (code, err)
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 @pytest.mark.parametrize("text,value", [
     ("5", 5), ("0.6", 0.6), ("1e-3", 1e-3), ("true", True), ("[10, 20]", [10, 20]), ('"text"', "text"),
     ("{ kind = \"linear\" }", {"kind": "linear"}), ("my_run", "my_run"), ("ILSVRC/imagenet-1k", "ILSVRC/imagenet-1k"),
@@ -107,9 +98,9 @@ CASES = [("run", *case) for case in BAD_OVERRIDES] + [("check", *case) for case 
 
 @pytest.mark.parametrize("command,override,expected", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_bad_overrides_are_one_line_errors_and_create_nothing(command, override, expected, tiny_recipe, tmp_path,
-                                                             write_recipe, capsys):
+                                                             write_recipe, refused):
     path = write_recipe(tiny_recipe)
-    line = _error_line(capsys, [command, path, override, "--no-progress"] if command == "run" else
+    line = refused([command, path, override, "--no-progress"] if command == "run" else
                        [command, path, override])
     assert str(path) in line
     for text in expected:
@@ -117,7 +108,7 @@ def test_bad_overrides_are_one_line_errors_and_create_nothing(command, override,
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_run_records_its_overrides_and_a_resume_must_repeat_them(tiny_recipe, tmp_path, write_recipe, capsys):
+def test_a_run_records_its_overrides_and_a_resume_must_repeat_them(tiny_recipe, tmp_path, write_recipe, refused):
     path = write_recipe(tiny_recipe)
     # overrides may come before or after the options
     assert main(["run", str(path), "run.name=short", "--no-progress", "stages[0].steps=2",
@@ -131,12 +122,12 @@ def test_a_run_records_its_overrides_and_a_resume_must_repeat_them(tiny_recipe, 
     assert [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()] == [1, 2]
     # the resolved recipe.toml runs as it is (the comment is TOML) and is the same recipe
     assert load_recipe(run_dir / "recipe.toml").recipe_hash == meta["recipe_hash"]
-    line = _error_line(capsys, ["run", path, "run.name=short", "--resume", "--no-progress"])
+    line = refused(["run", path, "run.name=short", "--resume", "--no-progress"])
     assert "holds a run of a different recipe" in line and "stages[0].steps 2 → 4" in line
     assert "it was run with the command-line overrides run.name=short stages[0].steps=2" in line
 
 
-def test_eval_takes_overrides(tiny_recipe, tmp_path, write_recipe, capsys):
+def test_eval_takes_overrides(tiny_recipe, tmp_path, write_recipe):
     path = write_recipe(tiny_recipe)
     assert main(["run", str(path), "--no-progress"]) == 0
     checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / "backbone.pt"

@@ -62,16 +62,22 @@ def plot_protocol_per_block(protocol, path: str | os.PathLike) -> Path | None:
             high = [blocks[b].interval.high if blocks[b].interval else math.nan for b in x]
             if not all(math.isnan(v) for v in low):
                 axes.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
-        axes.set_xlabel("block (0 = first)")
-        axes.set_ylabel("k-NN top-1 (%)")
         axes.set_xticks(sorted({b for _, _, blocks in curves for b in blocks}))
-        axes.set_title(f"{protocol.title}: k-NN per block ({curves[0][1]}); bands: 95% intervals", fontsize=9)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        figure.tight_layout()
-        return save_figure(figure, Path(path))
+        return _finish_curves(figure, axes, path, "block (0 = first)", "k-NN top-1 (%)",
+                              f"{protocol.title}: k-NN per block ({curves[0][1]}); bands: 95% intervals")
     finally:
         plt.close(figure)
+
+
+def _finish_curves(figure, axes, path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Labels, grid, the legend outside the axes on the right (row names are long), and the file."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    figure.tight_layout()
+    return save_figure(figure, Path(path))
 
 
 def learning_curves(protocol) -> list[tuple[str, list[list[tuple[float, float]]]]]:
@@ -106,13 +112,9 @@ def plot_protocol_learning(protocol, path: str | os.PathLike) -> Path | None:
                 x, y = zip(*curve)
                 axes.plot(x, y, marker="o", markersize=3, color=f"C{i % 10}", alpha=0.9 if len(curves) == 1 else 0.7,
                           label=name + (f" ({len(curves)} seeds)" if len(curves) > 1 else "") if j == 0 else None)
-        axes.set_xlabel("epoch (a later stage continues the count)")
-        axes.set_ylabel("online k-NN top-1 (%)")
-        axes.set_title(f"{protocol.title}: online k-NN during training ([monitor] subset)", fontsize=9)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        figure.tight_layout()
-        return save_figure(figure, Path(path))
+        return _finish_curves(figure, axes, path, "epoch (a later stage continues the count)",
+                              "online k-NN top-1 (%)",
+                              f"{protocol.title}: online k-NN during training ([monitor] subset)")
     finally:
         plt.close(figure)
 

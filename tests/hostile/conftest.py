@@ -5,32 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
-
-from sslbench.cli import main
 
 
 def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*")) if folder.exists() else []
-
-
-@pytest.fixture
-def refused(capsys):
-    """``refused(argv, *expected)``: the command exits 2 with exactly one ``error:`` line on stderr that contains
-    every ``expected`` text, and raises no exception (an escaped exception would be a traceback)."""
-
-    def check(argv: list[str], *expected: str) -> str:
-        capsys.readouterr()
-        code = main([str(a) for a in argv])
-        err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2, f"exit {code}, stderr: {err}"
-        assert len(err) == 1 and err[0].startswith("error: "), err
-        for text in expected:
-            assert text in err[0], f"{text!r} not in {err[0]!r}"
-        return err[0]
-
-    return check
 
 
 class Payload:
