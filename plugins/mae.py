@@ -16,7 +16,6 @@ the step's keyed random streams, so it depends only on (seed, step, sample).
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
 import sslbench
@@ -59,6 +58,8 @@ class MAE(Objective):
         pos = sincos_2d_position_embedding(*backbone.grid_size, width)
         pos = torch.cat([torch.zeros(1, width), pos], dim=0)  # CLS position: zeros, as in MAE
         self.register_buffer("decoder_pos_embed", pos.unsqueeze(0), persistent=False)
+        from timm.models.vision_transformer import Block   # timm is imported by the backbone's build anyway
+
         self.decoder_blocks = nn.ModuleList(
             Block(width, opts["decoder_heads"], mlp_ratio=4.0, qkv_bias=True) for _ in range(opts["decoder_depth"]))
         self.decoder_norm = nn.LayerNorm(width)

@@ -22,10 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -60,17 +58,38 @@ def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int) -> Tensor:
     return torch.cat([encode(cols), encode(rows)], dim=1).float()
 
 
-class PostNormBlock(Block):
+def _post_norm_block_class() -> type:
     """data2vec 2.0's post-norm block: ``x = norm1(x + attn(x)); x = norm2(x + mlp(x))``.
 
     A subclass of timm's ``Block`` passed as ``block_fn``, so parameter names are exactly timm's (``norm1``,
     ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``) and only the order of normalisation and
-    residual changes.
+    residual changes. Defined on first use (``sslbench.core.backbone.PostNormBlock``): importing timm pulls in
+    torchvision and torch._dynamo (~2 s), which commands that build no model (``sslbench list``) do without.
     """
+    from timm.models.vision_transformer import Block
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, attn_mask=attn_mask, is_causal=is_causal))))
-        return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
+    class PostNormBlock(Block):
+        __doc__ = _post_norm_block_class.__doc__
+
+        def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+            x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, attn_mask=attn_mask, is_causal=is_causal))))
+            return self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
+
+    PostNormBlock.__module__ = __name__
+    return PostNormBlock
+
+
+def _post_norm() -> type:
+    """The one ``PostNormBlock`` class, made on first use."""
+    if "PostNormBlock" not in globals():
+        globals()["PostNormBlock"] = _post_norm_block_class()
+    return globals()["PostNormBlock"]
+
+
+def __getattr__(name: str):
+    if name == "PostNormBlock":          # `from sslbench.core.backbone import PostNormBlock` (PEP 562)
+        return _post_norm()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -122,7 +141,7 @@ class Backbone(nn.Module):
         self.num_prefix_tokens: int = vit.num_prefix_tokens
         self.architecture: dict[str, Any] = {
             "pos_embed": pos_embed,
-            "block": "post_norm" if isinstance(vit.blocks[0], PostNormBlock) else "pre_norm",
+            "block": "post_norm" if isinstance(vit.blocks[0], _post_norm()) else "pre_norm",
             "pre_norm": not isinstance(vit.norm_pre, nn.Identity),
             "final_norm": not isinstance(vit.norm, nn.Identity),
             "no_embed_class": bool(vit.no_embed_class),
@@ -272,6 +291,9 @@ class Backbone(nn.Module):
 
 def _model_defaults(model: str) -> nn.Module:
     """Build ``model`` on the meta device (no memory, no init cost) to read its default sizes and type."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
     if not timm.is_model(model):
         raise UserError(f"backbone.model: unknown timm model {model!r} (see timm.list_models('vit_*'))")
     with torch.device("meta"):
@@ -316,8 +338,10 @@ def build_backbone(model: str, *, img_size: int | None = None, patch_size: int |
     if pre_norm is False:
         overrides["pre_norm"] = False
     if block == "post_norm":
-        overrides["block_fn"] = PostNormBlock
+        overrides["block_fn"] = _post_norm()
     # fc_norm=False keeps the final norm in `vit.norm` (applied to every token), whatever the pooling default
+    import timm
+
     vit = timm.create_model(model, pretrained=pretrained_timm, num_classes=0, global_pool="token",
                             fc_norm=False, **overrides)
     if pre_norm and isinstance(vit.norm_pre, nn.Identity):
