@@ -103,6 +103,29 @@ def test_views_and_masks_are_bit_identical_to_the_recorded_reference():
     assert changed == []
 
 
+def test_the_packed_one_copy_path_gives_the_same_views():
+    # On the CPU the draws are already where the images are and are not copied; force the packed float32 copy.
+    from sslbench.data.draws import to_device
+
+    for name, pipeline in pipelines().items():
+        x = batch(3).float() / 255
+        direct = pipeline(x, KeyedRandom(7, 11, torch.arange(40, 48)))
+        draws = to_device(pipeline.draw(tuple(x.shape), x.dtype, KeyedRandom(7, 11, torch.arange(40, 48))), "cpu",
+                          copy=True)
+        assert all(torch.equal(a, b) for a, b in zip(direct, pipeline.apply_draws(x, draws))), name
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_views_are_built_without_reading_the_device(channels):
+    """Sync-free: with the images on the ``meta`` device (shapes, no values), any host read of a device tensor
+    — ``.item()``, ``bool()``, ``nonzero``, a boolean-mask index, a copy back to the CPU — raises. The draws
+    are made from host streams and reach the device in one copy; everything after that must be tensor ops."""
+    for name, pipeline in pipelines().items():
+        views = pipeline(batch(channels).to("meta"), KeyedRandom(7, 11, torch.arange(40, 48)))
+        assert all(v.device.type == "meta" for v in views), name
+        assert len(views) == pipeline.num_views
+
+
 if __name__ == "__main__":  # re-record the reference (only on code whose outputs are known to be right)
     REFERENCE.write_text(json.dumps({"torch": torch.__version__, "hashes": outputs()}, indent=0, sort_keys=True))
     print(f"wrote {REFERENCE}", file=sys.stderr)
