@@ -85,7 +85,7 @@ class ColorJitter(DrawnTransform):
 
         return {"apply": u[:, 0] < self.p, "brightness": factor(1, self.brightness),
                 "contrast": factor(2, self.contrast), "saturation": factor(3, self.saturation),
-                "hue": (-self.hue + 2 * self.hue * u[:, 4]).view(-1, 1, 1)}
+                "hue": (-self.hue + (self.hue - -self.hue) * u[:, 4]).view(-1, 1, 1)}
 
     def sample_params(self, batch: int, rng: Random, like: Tensor) -> dict[str, Tensor]:
         """Draw and derive the parameters of one call (for inspection; pipelines use draw / apply_draws)."""
