@@ -80,7 +80,7 @@ def _check_exact(t: Tensor) -> None:
     if t.dtype not in (torch.float32, torch.bool, torch.int64, torch.int32):
         raise TypeError(f"draws must be float32, bool or integer tensors to travel in one float32 copy, got {t.dtype}")
     if t.dtype in (torch.int64, torch.int32) and t.numel() and int(t.abs().max()) >= _EXACT:
-        raise ValueError(f"integer draws must stay below 2**24 to travel exactly as float32")
+        raise ValueError("integer draws must stay below 2**24 to travel exactly as float32")
 
 
 def to_device(draws: Any, device: torch.device | str, copy: bool = False) -> Any:

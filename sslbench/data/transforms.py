@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslbench.data.draws import DrawnTransform, PerSampleRandom, Random, Shape, host_rand, plannable, to_device  # noqa: F401
+from sslbench.data.draws import (  # noqa: F401 (PerSampleRandom, to_device: re-exported)
+    DrawnTransform, PerSampleRandom, Random, Shape, host_rand, plannable, to_device)
 from sslbench.data.photometric import (  # noqa: F401 (re-exported: the transforms are imported from here)
     ColorJitter, GaussianBlur, Grayscale, Solarize, blur, chosen, gaussian_kernels, hsv_to_rgb, per_sample,
     rgb_to_hsv)
