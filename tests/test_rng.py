@@ -37,3 +37,13 @@ def test_select_continues_the_streams_of_a_subset():
     r2.rand(2)
     mask = keys % 2 == 0
     assert torch.equal(r1.select(mask).rand(4), r2.rand(4)[mask])
+
+
+def test_to_continues_the_streams_on_another_device():
+    # The trainer draws the views from host streams, then the masks from the same streams moved to the device.
+    keys = torch.arange(10)
+    host, reference = KeyedRandom(0, 1, keys), KeyedRandom(0, 1, keys)
+    host.rand(3)
+    reference.rand(3)
+    moved = host.to("cpu")
+    assert moved.device == torch.device("cpu") and torch.equal(moved.rand(4), reference.rand(4))

@@ -82,6 +82,14 @@ class KeyedRandom:
     def uniform(self, low: float, high: float, *shape: int) -> torch.Tensor:
         return low + (high - low) * self.rand(*shape)
 
+    def to(self, device: torch.device | str) -> "KeyedRandom":
+        """The same streams computed on ``device``, continuing this stream count (the numbers are equal: integer
+        hashing, then an exact conversion). The trainer draws the views on the host, then the masks on the device."""
+        moved = KeyedRandom.__new__(KeyedRandom)
+        moved.device = torch.device(device)
+        moved.keys, moved._stream = self.keys.to(moved.device), self._stream
+        return moved
+
     def select(self, mask: torch.Tensor) -> "KeyedRandom":
         """The streams of a subset of the samples (rows where ``mask`` is True), continuing this stream count."""
         sub = KeyedRandom.__new__(KeyedRandom)

@@ -4,6 +4,12 @@ transforms, multi-crop), the deterministic evaluation view, and the seed papers'
 Pipelines take uint8 or float images ``(B, C, H, W)`` and a random source and return a list of float views; the
 transforms they are built from live in :mod:`sslbench.data.transforms` (re-exported here for convenience).
 
+A call makes every random draw of the step in one place, on the host — :meth:`ViewPipeline.draw`, view by
+view and transform by transform, in the order the transforms were always called — moves them to the images'
+device in one copy (:func:`sslbench.data.draws.to_device`) and then builds the views there with tensor ops
+only (:meth:`ViewPipeline.apply_draws`): no host round trip per transform. Pass a host random source (the
+trainer's ``KeyedRandom`` keyed by CPU indices) to keep the draws off the device altogether.
+
 >>> import torch
 >>> pipeline = mae_views(28)
 >>> views = pipeline(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.Generator().manual_seed(0))
@@ -13,9 +19,12 @@ transforms they are built from live in :mod:`sslbench.data.transforms` (re-expor
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
+import torch
 from torch import Tensor
+
+from sslbench.data.draws import Shape, plannable, to_device
 
 from sslbench.data.transforms import (  # noqa: F401 (re-exported: objectives import transforms and pipelines from one place)
     GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, CenterCrop, ColorJitter, Compose, GaussianBlur, Grayscale,
@@ -39,12 +48,31 @@ class ViewPipeline:
 
     Pipelines do not normalise on their own: end each view's transform with :class:`Normalize` (the factories
     below do), so an objective controls exactly what its views contain.
+
+    Subclasses give :meth:`draw` (host: all the step's draws), :meth:`apply_draws` (device) and
+    :meth:`_transforms` (to tell whether every transform can be drawn ahead); a pipeline holding other callables
+    calls them in turn with ``rng`` (:meth:`sequential`), as pipelines always did.
     """
 
     num_views: int
 
-    def __call__(self, images: Tensor, rng: Random) -> list[Tensor]:
+    def _transforms(self) -> list:
+        return []
+
+    def draw(self, shape: Shape, dtype: torch.dtype, rng: Random) -> Any:
         raise NotImplementedError
+
+    def apply_draws(self, x: Tensor, draws: Any) -> list[Tensor]:
+        raise NotImplementedError
+
+    def sequential(self, x: Tensor, rng: Random) -> list[Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, images: Tensor, rng: Random) -> list[Tensor]:
+        x = to_float(images)
+        if not all(plannable(t) for t in self._transforms()):
+            return self.sequential(x, rng)
+        return self.apply_draws(x, to_device(self.draw(tuple(x.shape), x.dtype, rng), x.device))
 
 
 class IndependentCrops(ViewPipeline):
@@ -57,8 +85,16 @@ class IndependentCrops(ViewPipeline):
         self.transforms = _one_per_view(transform, n, "IndependentCrops")
         self.num_views = len(self.transforms)
 
-    def __call__(self, images: Tensor, rng: Random) -> list[Tensor]:
-        x = to_float(images)
+    def _transforms(self) -> list:
+        return self.transforms
+
+    def draw(self, shape: Shape, dtype: torch.dtype, rng: Random) -> list:
+        return [t.draw(shape, dtype, rng) for t in self.transforms]
+
+    def apply_draws(self, x: Tensor, draws: list) -> list[Tensor]:
+        return [t.apply_draws(x, d) for t, d in zip(self.transforms, draws)]
+
+    def sequential(self, x: Tensor, rng: Random) -> list[Tensor]:
         return [t(x, rng) for t in self.transforms]
 
 
@@ -73,8 +109,20 @@ class SharedCrop(ViewPipeline):
         self.crop, self.per_view = crop, list(per_view)
         self.num_views = len(self.per_view)
 
-    def __call__(self, images: Tensor, rng: Random) -> list[Tensor]:
-        crop = self.crop(to_float(images), rng)
+    def _transforms(self) -> list:
+        return [self.crop, *self.per_view]
+
+    def draw(self, shape: Shape, dtype: torch.dtype, rng: Random) -> dict:
+        crop = self.crop.draw(shape, dtype, rng)
+        shape = self.crop.out_shape(shape)
+        return {"crop": crop, "per_view": [t.draw(shape, dtype, rng) for t in self.per_view]}
+
+    def apply_draws(self, x: Tensor, draws: dict) -> list[Tensor]:
+        crop = self.crop.apply_draws(x, draws["crop"])
+        return [t.apply_draws(crop, d) for t, d in zip(self.per_view, draws["per_view"])]
+
+    def sequential(self, x: Tensor, rng: Random) -> list[Tensor]:
+        crop = self.crop(x, rng)
         return [t(crop, rng) for t in self.per_view]
 
 
@@ -93,10 +141,20 @@ class MultiCrop(ViewPipeline):
         self.local_transform, self.num_global, self.num_local = local_transform, global_n, local_n
         self.num_views = global_n + local_n
 
-    def __call__(self, images: Tensor, rng: Random) -> list[Tensor]:
-        x = to_float(images)
-        return [t(x, rng) for t in self.global_transforms] + [self.local_transform(x, rng)
-                                                               for _ in range(self.num_local)]
+    def _views(self) -> list:
+        return self.global_transforms + [self.local_transform] * self.num_local
+
+    def _transforms(self) -> list:
+        return self._views()
+
+    def draw(self, shape: Shape, dtype: torch.dtype, rng: Random) -> list:
+        return [t.draw(shape, dtype, rng) for t in self._views()]
+
+    def apply_draws(self, x: Tensor, draws: list) -> list[Tensor]:
+        return [t.apply_draws(x, d) for t, d in zip(self._views(), draws)]
+
+    def sequential(self, x: Tensor, rng: Random) -> list[Tensor]:
+        return [t(x, rng) for t in self._views()]
 
 
 class EvalTransform:

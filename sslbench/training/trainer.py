@@ -127,9 +127,12 @@ class StageTrainer:
                 images = loaded["images"].float().div_(255)
                 # Keyed by the optimiser step, not the micro-step: each sample occurs once per global batch, so
                 # its augmentations and masks are the same whatever the accumulation or the number of processes.
-                rng = step_rng(seed, progress.global_step, loaded["index"])
+                # The views' draws are made on the host (keys: the loader's CPU indices) and reach the device in
+                # one copy; the objective's masks continue the same streams on the device.
+                host_rng = step_rng(seed, progress.global_step, batch["index"].cpu())
+                views = self.views(images, host_rng)
+                rng = host_rng.to(acc.device)
                 batch = Batch(index=loaded["index"], rng=rng, images=images, labels=loaded.get("labels"))
-                views = self.views(images, rng)
                 last = i == len(micro) - 1
                 context = acc.no_sync(self.model) if not last else nullcontext()
                 with context, acc.autocast():
