@@ -214,8 +214,11 @@ def _select_from_groups(similarity: torch.Tensor, k: int, groups: int) -> tuple[
     maxima = torch.amax(similarity[:, :depth * groups].view(rows, depth, groups), dim=1)        # (rows, G)
     if rest:                                     # the last, partial row of the (depth + 1) x G layout
         torch.maximum(maxima[:, :rest], similarity[:, depth * groups:], out=maxima[:, :rest])
-    top_maxima, top_groups = maxima.topk(k + 1, dim=1, sorted=True)
-    chosen = top_groups[:, :k].sort(dim=1).values                                               # (rows, k)
+    # The k + 1 largest group maxima, unsorted (~25% faster), then sorted: only their set matters, and the order
+    # of equal ones never does (a tie at the k-th place sends the row to the whole-row path below).
+    top_maxima, top_groups = maxima.topk(k + 1, dim=1, sorted=False)
+    top_maxima, order = top_maxima.sort(dim=1, descending=True)
+    chosen = top_groups.gather(1, order[:, :k]).sort(dim=1).values                              # (rows, k)
     offsets = torch.arange(depth + (rest > 0)) * groups
     columns_of = (offsets[None, :, None] + chosen[:, None, :]).view(rows, -1)                   # ascending
     if rest:
