@@ -43,6 +43,16 @@ def sklearn_C(lam: float) -> float:
     return 1.0 / lam
 
 
+def _stable_argsort(values: np.ndarray) -> np.ndarray:
+    """``np.argsort(values, kind="stable")``, from numpy's ~4x faster unstable sort when no two values are equal
+    (then the sorting permutation is unique, so both sorts return it); with an equal pair, the stable sort."""
+    order = np.argsort(values)
+    ordered = values[order]
+    if bool((ordered[1:] == ordered[:-1]).any()):
+        return np.argsort(values, kind="stable")
+    return order
+
+
 def rank_within_class(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """For each row, its position (0, 1, ...) within its class under a uniformly random order of the rows.
 
@@ -51,7 +61,7 @@ def rank_within_class(labels: torch.Tensor, generator: torch.Generator) -> torch
     keys = torch.rand(labels.shape[0], generator=generator, dtype=torch.float64)
     # Sort by (label, key) in one pass: the label is the integer part, the key in [0, 1) the fraction (float64
     # keeps ~40 bits of key for up to 10^4 classes). numpy's stable sort is ~5x faster than torch's on CPU here.
-    order = torch.from_numpy(np.argsort((labels.double() + keys).numpy(), kind="stable"))
+    order = torch.from_numpy(_stable_argsort((labels.double() + keys).numpy()))
     counts = torch.bincount(labels)
     class_start = torch.cumsum(counts, 0) - counts
     ranks = torch.empty_like(labels)

@@ -8,7 +8,7 @@ import torch
 
 from sslbench.core.errors import UserError
 from sslbench.evaluation import knn
-from sslbench.evaluation.knn import _stable_topk, as_features
+from sslbench.evaluation.knn import _group_count, _select_topk, _stable_topk, as_features
 
 
 def reference_knn(train_x, train_y, test_x, k, temperature, classes, standardize=False, eps=1e-6):
@@ -73,6 +73,91 @@ def test_stable_topk_equals_stable_sort_prefix():
         expected = similarity.sort(dim=1, descending=True, stable=True)
         torch.testing.assert_close(indices, expected.indices[:, :k])
         torch.testing.assert_close(values, expected.values[:, :k])
+
+
+def stable_sort_prefix(similarity, k):
+    """The documented rule, written the obvious way: the first k of a stable descending sort of each row."""
+    expected = similarity.sort(dim=1, descending=True, stable=True)
+    return expected.values[:, :k], expected.indices[:, :k]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grouped_selection_equals_stable_sort_prefix_with_ties(dtype):
+    """The grouped top-k (group maxima, then candidates from the best groups) returns exactly the stable sort's
+    prefix: same values, same indices, same order — on rows with heavy ties, ties across groups (the fallback),
+    ties inside the chosen groups only, and partial last rows of the group layout (columns % groups != 0)."""
+    g = torch.Generator().manual_seed(3)
+    for columns, groups, k in [(400, 40, 5), (400, 41, 5), (401, 22, 20), (1000, 97, 10), (257, 12, 11),
+                               (300, 150, 1), (64, 3, 2)]:
+        matrices = {
+            "continuous": torch.rand(30, columns, generator=g, dtype=dtype),
+            "four values": torch.randint(0, 4, (30, columns), generator=g).to(dtype),
+            "fifty values": torch.randint(0, 50, (30, columns), generator=g).to(dtype),
+        }
+        # Continuous rows with planted duplicates of their largest values: ties at and across the k-th place.
+        planted = torch.rand(30, columns, generator=g, dtype=dtype)
+        for r in range(30):
+            order = planted[r].argsort(descending=True)
+            source = order[torch.randint(0, 2 * k, (1,), generator=g)]
+            targets = torch.randint(0, columns, (1 + r % 4,), generator=g)
+            planted[r, targets] = planted[r, source]
+        matrices["planted ties"] = planted
+        for name, similarity in matrices.items():
+            values, indices = _select_topk(similarity, k, groups)
+            expected_values, expected_indices = stable_sort_prefix(similarity, k)
+            assert torch.equal(indices, expected_indices), (name, columns, groups, k)
+            assert torch.equal(values, expected_values), (name, columns, groups, k)
+            assert torch.equal(values, similarity.gather(1, indices))
+
+
+def test_grouped_selection_with_its_default_groups_on_a_large_row():
+    g = torch.Generator().manual_seed(4)
+    similarity = torch.rand(16, 60_000, generator=g)
+    similarity[:8] = (similarity[:8] * 300).round() / 300             # coarse values: many exact ties
+    assert 60_000 // _group_count(60_000, 20) >= 2                      # the grouped path, not the fallback
+    for k in (1, 10, 20):
+        values, indices = _select_topk(similarity, k)
+        expected_values, expected_indices = stable_sort_prefix(similarity, k)
+        assert torch.equal(indices, expected_indices) and torch.equal(values, expected_values)
+
+
+def full_sort_knn(train_x, train_y, test_x, k, temperature, classes, batch_size):
+    """knn as it was before the grouped top-k: the same chunked similarity matmul, then a full stable sort of every
+    row (the documented tie-breaking by definition) and the same weighted vote."""
+    import torch.nn.functional as F
+
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    rankings = []
+    for chunk in test_x.split(batch_size):
+        similarity = torch.mm(chunk, train_x.T)
+        ordered = similarity.sort(dim=1, descending=True, stable=True)
+        values, indices = ordered.values[:, :k], ordered.indices[:, :k]
+        weights = ((values - values[:, :1]) / temperature).exp()
+        votes = torch.zeros(chunk.shape[0], classes, dtype=weights.dtype).scatter_add_(1, train_y[indices], weights)
+        rankings.append(votes.sort(dim=1, descending=True, stable=True).indices[:, :min(5, classes)])
+    return torch.cat(rankings)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_knn_through_the_grouped_selection_equals_full_sort_with_ties(clusters, dtype):
+    """Enough training rows that knn takes the grouped top-k, and exact similarity ties at the k-th place:
+    duplicated training rows with other labels in the same column group (ties inside the chosen groups) and in
+    other groups (ties across groups: the whole-row path), and features on a coarse grid."""
+    xtr, ytr, xte, yte = clusters(n_train=4000, n_test=64, classes=7, dim=6, spread=1.0, dtype=dtype)
+    groups = _group_count(4000, 20)
+    assert 4000 // groups >= 2                                        # the grouped path
+    xtr[groups:groups + 300] = xtr[:300]                              # same groups as rows 0..299
+    xtr[2700:3000] = xtr[300:600]                                     # other groups
+    ytr[groups:groups + 300], ytr[2700:3000] = (ytr[:300] + 1) % 7, (ytr[300:600] + 2) % 7
+    xte[:16] = xtr[:16] + 1e-3                                        # test rows next to duplicated rows
+    xte[16:32] = xtr[300:316]
+    grid_tr, grid_te = (xtr * 2).round() / 2, (xte * 2).round() / 2  # coarse grid: many equal directions
+    for train_x, test_x in ((xtr, xte), (grid_tr, grid_te)):
+        _, predictions = knn(train_x, ytr, test_x, yte, k=(1, 10, 20), temperature=0.1, batch_size=24,
+                             return_predictions=True)
+        for k in (1, 10, 20):
+            expected = full_sort_knn(train_x, ytr, test_x, k, 0.1, 7, batch_size=24)
+            assert torch.equal(predictions[k], expected), k
 
 
 def test_standardize_uses_training_statistics_only(clusters):

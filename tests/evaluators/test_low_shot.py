@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from sslbench.core.errors import UserError
 from sslbench.evaluation import low_shot
-from sslbench.evaluation.low_shot import (centre_and_normalize, fit_logistic_regression, logistic_loss_and_grad,
-                                          low_shot_subsets, rank_within_class, sklearn_C)
+from sslbench.evaluation.low_shot import (_stable_argsort, centre_and_normalize, fit_logistic_regression,
+                                          logistic_loss_and_grad, low_shot_subsets, rank_within_class, sklearn_C)
 
 
 def sklearn_accuracy(xtr, ytr, xte, yte, rows, lam):
@@ -96,6 +96,26 @@ def test_rank_within_class_is_a_permutation_per_class():
     ranks = rank_within_class(labels, torch.Generator().manual_seed(0))
     for c in range(3):
         assert sorted(ranks[labels == c].tolist()) == list(range(int((labels == c).sum())))
+
+
+def test_fast_argsort_is_the_stable_argsort_with_and_without_ties():
+    rng = np.random.default_rng(0)
+    for values in (rng.random(5000), rng.integers(0, 50, 5000).astype(np.float64),        # distinct / heavy ties
+                   np.r_[rng.random(3000), 0.5, 0.5], rng.integers(0, 3, 7) + rng.random(7), np.zeros(1)):
+        np.testing.assert_array_equal(_stable_argsort(values), np.argsort(values, kind="stable"))
+
+
+def test_rank_within_class_equals_the_stable_sort_definition():
+    """The ranks are those of one stable sort of label + key (the subsets of every committed result)."""
+    labels = torch.randint(0, 7, (3000,), generator=torch.Generator().manual_seed(5))
+    ranks = rank_within_class(labels, torch.Generator().manual_seed(9))
+    keys = torch.rand(3000, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    order = np.argsort((labels.double() + keys).numpy(), kind="stable")
+    expected = np.empty(3000, dtype=np.int64)
+    for c in range(7):
+        rows = order[labels.numpy()[order] == c]
+        expected[rows] = np.arange(rows.size)
+    np.testing.assert_array_equal(ranks.numpy(), expected)
 
 
 def test_single_split_has_zero_std_and_errors(clusters):
