@@ -63,6 +63,10 @@ def compile_targets(module: nn.Module) -> list[nn.Module]:
 def compile_modules(modules: list[nn.Module], mode: str = "default", backend: str | None = None) -> None:
     """Compile each module in place (:meth:`torch.nn.Module.compile`, static shapes)."""
     backend = backend or os.environ.get(BACKEND_ENV) or "inductor"
+    # Entries of one code object (timm's Block.forward, shared by every block of every objective and stage) count
+    # against one limit, past which dynamo runs that code eagerly: a MAE stage and two MIM-Refiner stages with frozen
+    # and trained encoders already hold 6 of the default 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     options = {"mode": mode} if backend == "inductor" and mode != "default" else {}
     for m in modules:
         m.compile(backend=backend, dynamic=False, **options)
