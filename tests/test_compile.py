@@ -141,3 +141,33 @@ def test_a_compiled_run_saves_the_eager_keys_and_resumes(tiny_recipe, tmp_path):
     log = [json.loads(x) for x in (killed["dir"] / "log.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in log] == list(range(1, 7))
     assert log[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=1e-5)
+
+
+def test_compile_is_hashed_only_when_on(tiny_recipe, tmp_path):
+    """Off (the default), run.compile and run.compile_mode leave the recipe hash and a run's seed family as they were
+    before the keys existed; on, a compiled run is another recipe, and so is another mode."""
+    from sslbench.core.registry import get_registry
+    from sslbench.results.aggregate import recipe_family
+    from sslbench.training.recipe import resolve
+
+    def hashed(**run):
+        recipe = copy.deepcopy(tiny_recipe)
+        recipe["run"].update(run)
+        return resolve(recipe, get_registry()).recipe_hash
+
+    base = hashed()
+    assert hashed(compile=False) == base and hashed(compile=False, compile_mode="max-autotune") == base
+    assert hashed(compile=True) != base
+    assert hashed(compile=True, compile_mode="max-autotune") not in (base, hashed(compile=True))
+
+    resolved = resolve(copy.deepcopy(tiny_recipe), get_registry()).as_dict()
+    assert resolved["run"]["compile"] is False
+    old = copy.deepcopy(resolved)
+    for key in ("compile", "compile_mode"):
+        del old["run"][key]                                      # a recipe.json written before the keys existed
+    families = []
+    for name, recipe in [("new", resolved), ("old", old)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recipe.json").write_text(json.dumps({"recipe": recipe}))
+        families.append(recipe_family(str(tmp_path / name)))
+    assert families[0] and families[0] == families[1]
