@@ -54,8 +54,12 @@ def _assert_same(name: str, backend: str, grad_checkpointing: bool = False):
     assert 1 <= counters["stats"]["unique_graphs"] <= 6 and not counters["graph_break"], dict(counters)
     assert losses == pytest.approx(eager_losses, rel=1e-4, abs=1e-6)
     assert grads.keys() == eager_grads.keys()
+    # rounding: small against each gradient's norm, or absolutely where a gradient is rounding noise itself (the bias
+    # before a BatchNorm, ~1e-6), and against the norm of all of them
     for key, grad in grads.items():
-        torch.testing.assert_close(grad, eager_grads[key], rtol=1e-3, atol=1e-5, msg=key)
+        assert (grad - eager_grads[key]).norm() <= 1e-3 * eager_grads[key].norm() + 1e-5, key
+    flat, eager_flat = (torch.cat([g.flatten() for g in d.values()]) for d in (grads, eager_grads))
+    assert (flat - eager_flat).norm() <= 1e-4 * eager_flat.norm()
 
 
 @pytest.mark.parametrize("name", OBJECTIVES)
