@@ -105,8 +105,10 @@ def test_state_dict_keys_are_those_of_the_eager_module():
         assert not any("_orig_mod" in k for k in keys)
 
 
-def _run_recipe(tiny_recipe, tmp_path, name: str, compile_on: bool) -> dict:
+def _run_recipe(tiny_recipe, tmp_path, name: str, compile_on: bool, monitor: bool = False) -> dict:
     recipe = copy.deepcopy(tiny_recipe)
+    if monitor:                                  # measured eagerly between compiled steps; trains nothing
+        recipe["monitor"] = {"every_steps": 3, "train_samples": 64, "test_samples": 32}
     recipe["run"].update(name=name, checkpoint_every=2, compile=compile_on, evaluate="never")
     recipe["stages"][0].update(steps=6, batch_size=32, ema_momentum=0.9)
     recipe["eval"] = []
@@ -116,10 +118,10 @@ def _run_recipe(tiny_recipe, tmp_path, name: str, compile_on: bool) -> dict:
 
 
 def test_a_compiled_run_saves_the_eager_keys_and_resumes(tiny_recipe, tmp_path):
-    """Checkpoints and backbone.pt of a compiled run have the eager run's keys; a compiled run killed after a
-    checkpoint and resumed ends where the uninterrupted compiled run ends."""
+    """Checkpoints and backbone.pt of a compiled run (with EMA and the online monitor) have the eager run's keys; a
+    compiled run killed after a checkpoint and resumed ends where the uninterrupted compiled run ends."""
     env = {**os.environ, "TQDM_DISABLE": "1", BACKEND_ENV: "aot_eager"}
-    runs = {name: _run_recipe(tiny_recipe, tmp_path, name, compile_on)
+    runs = {name: _run_recipe(tiny_recipe, tmp_path, name, compile_on, monitor=name != "killed")
             for name, compile_on in [("eager", False), ("compiled", True), ("killed", True)]}
     for name in ("eager", "compiled"):
         done = subprocess.run(sslbench_cmd() + ["run", str(runs[name]["path"])], capture_output=True, text=True,
@@ -142,6 +144,8 @@ def test_a_compiled_run_saves_the_eager_keys_and_resumes(tiny_recipe, tmp_path):
                              text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference = [json.loads(x) for x in (runs["compiled"]["dir"] / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in reference if r.get("kind") == "monitor"] == [0, 3, 6]
+    reference = [r for r in reference if r.get("kind") != "monitor"]
     log = [json.loads(x) for x in (killed["dir"] / "log.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in log] == list(range(1, 7))
     assert log[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=1e-5)
