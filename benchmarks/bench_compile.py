@@ -12,6 +12,8 @@ compiles; its time is reported as "compile s"), then ``--rounds`` alternations e
 medians. FLOPs of a step are counted on one eager round with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
 attention, convolutions; forward and backward); "% peak" = counted FLOP/s over the matmul peak, the GFLOP/s of a
 2048³ fp32 matmul with the same threads (median of ``--rounds`` measurements, interleaved with the objectives).
+"graphs" and "graph breaks" are dynamo's counts for the objective's compiled regions (one graph per region kind and
+token count; breaks should be 0).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import time
 
 import torch
+from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 from step_bench import build_trainer, digits_recipe, time_trainer
@@ -86,6 +89,7 @@ def main() -> None:
     rows, peaks = [], []
     for name in args.objectives:
         torch._dynamo.reset()          # each objective compiles from scratch, as in its own run
+        counters.clear()
         raw = digits_recipe(f"bench_compile_{name}", 7, stage(name, args.batch_size, args.steps))
         trainer, objective, *_ = build_trainer(raw, name, args.batch_size, args.steps)
         time_trainer(trainer, args.steps)                                   # eager warm-up
@@ -93,6 +97,7 @@ def main() -> None:
         with compiled(objective, mode=args.mode):
             time_trainer(trainer, args.steps)                               # compiles
         compile_s = time.perf_counter() - start
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         flops = counted_flops(trainer, args.steps)
         eager, fast = [], []
         for _ in range(args.rounds):
@@ -100,7 +105,7 @@ def main() -> None:
             eager.append(time_trainer(trainer, args.steps))
             with compiled(objective, mode=args.mode):
                 fast.append(time_trainer(trainer, args.steps))
-        rows.append((name, statistics.median(eager), statistics.median(fast), flops, compile_s))
+        rows.append((name, statistics.median(eager), statistics.median(fast), flops, compile_s, graphs, breaks))
         print(f"  {name}: done", file=sys.stderr, flush=True)
 
     peak = statistics.median(peaks)
@@ -109,11 +114,11 @@ def main() -> None:
           f"{args.rounds} rounds x {args.steps} steps (medians), mode {args.mode!r}, torch {torch.__version__}")
     print(f"fp32 matmul peak (2048^3): {peak:.0f} GFLOP/s")
     print(f"| objective | eager ms/step | compiled ms/step | eager/compiled | GFLOP/step | eager % peak "
-          f"| compiled % peak | compile s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, e, c, flops, compile_s in rows:
+          f"| compiled % peak | compile s | graphs | graph breaks |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, e, c, flops, compile_s, graphs, breaks in rows:
         print(f"| {name} | {e * 1000:.1f} | {c * 1000:.1f} | {e / c:.2f} | {flops / 1e9:.1f} "
-              f"| {100 * flops / e / 1e9 / peak:.0f}% | {100 * flops / c / 1e9 / peak:.0f}% | {compile_s:.0f} |")
+              f"| {100 * flops / e / 1e9 / peak:.0f}% | {100 * flops / c / 1e9 / peak:.0f}% | {compile_s:.0f} | {graphs} | {breaks} |")
 
 
 if __name__ == "__main__":
