@@ -159,10 +159,12 @@ def _column_variant(fields: dict | None, variant: str, checkpoint: str) -> str:
 
 
 #: What seeds of one recipe may differ in: its seed and name, and the keys the recipe hash leaves out as cosmetic
-#: (``COSMETIC`` in ``sslbench/training/spec.py``), and the sections it leaves out whole (``COSMETIC_SECTIONS``).
+#: (``COSMETIC`` in ``sslbench/training/spec.py``), and the sections it leaves out whole (``COSMETIC_SECTIONS``);
+#: ``run.compile`` / ``compile_mode`` when compile is off, as the hash leaves them out (``drop_compile_off``).
 SEED_FREE = {"run": ("name", "seed", "output_dir", "checkpoint_every", "log_every", "trackers"),
              "backbone": ("checkpoint_trusted", "checkpoint_url")}
 SEED_FREE_SECTIONS = ("monitor",)
+SEED_FREE_OFF_COMPILE = ("compile", "compile_mode")    # COMPILE_KEYS in sslbench/training/spec.py
 
 
 def recipe_family(run_dir: str) -> str:
@@ -177,6 +179,10 @@ def recipe_family(run_dir: str) -> str:
     trimmed = {section: ({k: v for k, v in body.items() if k not in SEED_FREE.get(section, ())}
                          if isinstance(body, dict) else body) for section, body in recipe.items()
                if section not in SEED_FREE_SECTIONS}
+    run = trimmed.get("run")
+    if isinstance(run, dict) and not run.get("compile"):
+        for key in SEED_FREE_OFF_COMPILE:
+            run.pop(key, None)
     text = json.dumps(trimmed, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

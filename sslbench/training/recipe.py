@@ -50,6 +50,10 @@ RUN = {
                               choices=("auto", "no", "bf16", "fp16")),
     "cpu": Option(False, bool, "force the CPU even when a GPU is present"),
     "evaluate": Option("end", str, "when to run the evaluations", choices=("end", "each_stage", "never")),
+    "compile": Option(False, bool, "torch.compile the transformer blocks and MLP heads while training (docs/runs.md); "
+                      "not bit-identical to eager, so part of the recipe hash when on"),
+    "compile_mode": Option("default", str, "torch.compile mode when run.compile is on",
+                           choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
 }
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
 

@@ -26,6 +26,18 @@ COSMETIC = {"run": ("output_dir", "checkpoint_every", "log_every", "trackers"),
 # Whole sections left out of the recipe hash: ``[monitor]`` only watches training (tests/test_monitor.py proves that a
 # monitored run trains bit-identically), and recipes written before it existed keep their hashes.
 COSMETIC_SECTIONS = ("monitor",)
+# Keys hashed only when ``run.compile`` is on: a compiled run is not bit-identical to an eager one (fused kernels round
+# differently), so it is another recipe; off, they are left out, and every recipe written before they existed keeps
+# its hash.
+COMPILE_KEYS = ("compile", "compile_mode")
+
+
+def drop_compile_off(run: dict) -> dict:
+    """``run`` without :data:`COMPILE_KEYS` when compile is off (in place; returned)."""
+    if isinstance(run, dict) and not run.get("compile"):
+        for key in COMPILE_KEYS:
+            run.pop(key, None)
+    return run
 
 
 def canonical_hash(obj: Any) -> str:
@@ -60,6 +72,9 @@ class RunSpec:
     mixed_precision: str
     cpu: bool
     evaluate: str
+    # defaults: a resolved recipe written before these existed (an old recipe.json) still builds
+    compile: bool = False
+    compile_mode: str = "default"
 
 
 @dataclass(frozen=True)
@@ -242,6 +257,7 @@ def hashed_form(recipe: Mapping[str, Any] | Recipe) -> dict:
     for section, keys in COSMETIC.items():
         for key in keys:
             stripped.get(section, {}).pop(key, None)
+    drop_compile_off(stripped.get("run", {}))
     return stripped
 
 

@@ -24,6 +24,7 @@ from sslbench.core.modules import EMA
 from sslbench.core.objective import Batch
 from sslbench.core.progress import progress_bar
 from sslbench.core.rng import KeyedRandom
+from sslbench.training.compile import compiled, eager
 from sslbench.training.optim import StageSchedule, build_optimizer, frozen_names, param_groups
 from sslbench.training.spec import Recipe, StageSpec
 
@@ -106,8 +107,11 @@ class StageTrainer:
         batches = iter(loader)
         bar = progress_bar(acc.is_main_process, total=self.total_steps, initial=progress.step,
                            desc=self.stage.name, leave=True)
+        run = self.recipe.run
         try:
-            self._loop(batches, bar, progress, save, checkpoint_every, log_every)
+            # run.compile: the objective's blocks and heads compiled in place for this stage, eager again after it
+            with compiled(self.objective, enabled=run.compile, mode=run.compile_mode):
+                self._loop(batches, bar, progress, save, checkpoint_every, log_every)
         finally:
             bar.close()
 
@@ -181,7 +185,8 @@ class StageTrainer:
         it took. The backbone's EMA is measured instead where asked for and kept by this stage."""
         use_ema = self.monitor.spec.use_ema and self.ema is not None
         backbone = self.ema.module if use_ema else self.objective.backbone
-        scores, seconds = self.monitor.measure(backbone, keep=[self.objective])
+        with eager():                   # other batch sizes, no grad: compiling them would cost more than it saves
+            scores, seconds = self.monitor.measure(backbone, keep=[self.objective])
         self.log({"kind": "monitor", "stage": self.stage_index, "stage_name": self.stage.name, "step": progress.step,
                   "global_step": progress.global_step, "epoch": progress.step / self.steps_per_epoch, **scores,
                   "ema": use_ema, "monitor_seconds": seconds})
