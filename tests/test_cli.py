@@ -3,6 +3,7 @@ importing timm, torchvision or torch._dynamo (seconds of start-up a command that
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ PROBE = ("import sys\nfrom sslbench.cli import main\n"
 def _run(*argv: str) -> tuple[str, list[str]]:
     done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, check=True)
     out, _, imported = done.stdout.rpartition("IMPORTED ")
-    return out, eval(imported)  # a list literal printed by PROBE
+    return out, ast.literal_eval(imported)  # a list literal printed by PROBE
 
 
 def test_version_and_help_answer_without_importing_torch():
