@@ -224,3 +224,21 @@ def test_to_float_scales_uint8_only():
     assert torch.allclose(to_float(u8), torch.tensor([0.0, 0.2, 1.0]))
     f = torch.rand(3)
     assert to_float(f) is f
+
+
+def test_normalize_is_described_by_its_configuration_not_its_device_tensors():
+    """The feature cache keys an evaluation transform by its description: using Normalize (which keeps its mean and
+    std tensors per device) must not change it, or every extraction would miss the cache."""
+    import copy
+
+    from sslbench.data.transforms import Normalize
+    from sslbench.evaluation.cache import transform_description
+
+    normalize = Normalize([0.5], [0.25])
+    before = transform_description(normalize)
+    out = normalize(torch.full((2, 1, 4, 4), 0.75))
+    assert torch.equal(out, torch.ones(2, 1, 4, 4))
+    assert transform_description(normalize) == before
+    twin = copy.deepcopy(normalize)
+    assert transform_description(twin) == before and torch.equal(twin(torch.full((1, 1, 2, 2), 0.5)),
+                                                                 torch.zeros(1, 1, 2, 2))

@@ -222,6 +222,14 @@ class Normalize(DrawnTransform):
         mean_t, std_t = self._stats[key]
         return (x - mean_t) / std_t
 
+    def __getstate__(self) -> dict:
+        """The configuration without the per-device tensors: what a copy or the feature cache's key of an
+        evaluation transform must see (the tensors are made again on first use)."""
+        return {"mean": self.mean, "std": self.std}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["mean"], state["std"])
+
 
 class Compose(DrawnTransform):
     """Apply transforms in order, sharing one random source; ``Compose([])`` is the identity.

@@ -84,6 +84,9 @@ def _describe(obj: Any, depth: int = 0) -> str:
         return f"tensor{tuple(obj.shape)}{obj.dtype}:{hashlib.sha256(data).hexdigest()[:16]}"
     name = f"{type(obj).__module__}.{type(obj).__qualname__}"
     attributes = getattr(obj, "__dict__", None)
+    if type(obj).__getstate__ is not object.__getstate__:   # a class that says what its state is (not its caches)
+        state = obj.__getstate__()
+        attributes = state if isinstance(state, dict) else attributes
     if attributes and depth < 8:
         inner = ",".join(f"{k}={_describe(v, depth + 1)}" for k, v in sorted(attributes.items()))
         return f"{name}({inner})"
