@@ -25,11 +25,9 @@ from sslbench.core.errors import RecipeError, UserError
 EVAL_STAGE = "eval"
 
 
-def sniff_format(path: Path) -> str | None:
-    """``"sslbench"`` for a file that says it is an sslbench ``backbone.pt``, else ``None``.
-
-    The file is memory-mapped, so looking costs no read of the weights.
-    """
+def sslbench_header(path: Path) -> dict | None:
+    """The entries of a file that says it is an sslbench ``backbone.pt`` (``format``, ``backbone``, ``ema``,
+    ``backbone_recipe``, ...), else ``None``. The file is memory-mapped, so looking costs no read of the weights."""
     import torch
 
     if path.suffix == ".safetensors":
@@ -39,8 +37,13 @@ def sniff_format(path: Path) -> str | None:
     except Exception:          # unreadable here: the real load reports it properly
         return None
     if isinstance(obj, dict) and obj.get("format") == "sslbench" and isinstance(obj.get("backbone"), dict):
-        return "sslbench"
+        return obj
     return None
+
+
+def sniff_format(path: Path) -> str | None:
+    """``"sslbench"`` for a file that says it is an sslbench ``backbone.pt``, else ``None``."""
+    return "sslbench" if sslbench_header(path) is not None else None
 
 
 def source_run(path: Path) -> dict | None:

@@ -75,17 +75,6 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _header(path: Path) -> dict | None:
-    """An sslbench ``backbone.pt``'s entries (memory-mapped: no read of the weights), or ``None``."""
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
-    return obj if isinstance(obj, dict) and obj.get("format") == "sslbench" else None
-
-
 class _Source:
     """The checkpoint file, its format and weights, the backbone section to build, and the run it came from."""
 
@@ -124,7 +113,9 @@ class _Source:
             from sslbench.training.recipe import load_recipe
 
             self.recipe = load_recipe(recipe_path, registry, check_files=False).as_dict()
-        header = _header(path) if fmt in (None, "sslbench", "sslbench_ema") else None
+        from sslbench.commands.eval import sslbench_header
+
+        header = sslbench_header(path) if fmt in (None, "sslbench", "sslbench_ema") else None
         fmt = fmt or ("sslbench" if header is not None else None)
         if fmt is None:
             if recipe_path is None:

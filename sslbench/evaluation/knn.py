@@ -193,10 +193,9 @@ def _select_topk(similarity: torch.Tensor, k: int, groups: int | None = None) ->
     tied with the k-th place, both kept. Rows whose (k+1)-th and k-th group maxima are equal (exact ties across
     groups: duplicated training rows, quantised features) go through :func:`_stable_topk` on the whole row.
     """
-    rows, columns = similarity.shape
+    columns = similarity.shape[1]
     groups = _group_count(columns, k) if groups is None else groups
-    depth, rest = divmod(columns, groups)
-    if groups <= k or depth < 2:
+    if groups <= k or columns // groups < 2:
         return _stable_topk(similarity, k)
     # One thread: a dozen small operations, each a parallel region that waits for its slowest thread; on the shared
     # 2-core machine with other jobs running, 2 threads took 150-210 ms per 512 x 60,000 block and 1 thread 20-26
