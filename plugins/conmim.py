@@ -2,8 +2,9 @@
 
 One random-resized crop (0.08, 1) + flip is shared by two branches, so patch i shows the same region in both. The
 student sees the plain crop with some of its patches replaced by a learned mask token; the teacher sees the same
-crop with strong photometric augmentation (jitter p 0.8, grey 0.2, blur 0.1, solarise 0.2) and no mask. Both branches project every
-token with a bias-free 3-layer MLP ending in BN without affine (CLS included in the BN statistics, dropped after).
+crop with strong photometric augmentation (jitter p 0.8, grey 0.2, blur 0.1, solarise 0.2) and no mask. Both
+branches project every token with a bias-free 3-layer MLP ending in BN without affine (CLS included in the BN
+statistics, dropped after).
 Loss: for every masked position of an image, the student's patch feature must pick out the teacher's feature at
 the same position among all patches of the *same* image (τ 0.1; no cross-image negatives,
 :func:`sslbench.core.losses.patch_contrast_loss`).

@@ -14,8 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from sslbench.core.losses import (
-    fp32_einsum, infonce_loss, masked_infonce_loss, micl_loss, micl_similarity, nna_loss, nnclr_loss,
-    patch_contrast_loss, symmetric_nnclr_loss, unit_fp32,
+    fp32_einsum,
+    infonce_loss,
+    masked_infonce_loss,
+    micl_loss,
+    micl_similarity,
+    nna_loss,
+    nnclr_loss,
+    patch_contrast_loss,
+    symmetric_nnclr_loss,
+    unit_fp32,
 )
 
 TAU = 0.1

@@ -145,6 +145,27 @@ def test_block_mask_statistics_match_the_official_generator():
     assert mean(regions(scattered, 14, True)) > 20
 
 
+# Recorded from the official generator (TencentARC/ConMIM masking_generator.py, MaskingGenerator((14, 14), 75,
+# min_num_patches=16)) after random.seed(seed): equal seeds must give equal masks.
+OFFICIAL_COUNTS = [75, 75, 75, 75, 75, 73, 75, 72, 74, 75, 73, 74, 75, 75, 74, 73, 75, 75, 75, 75,
+                   72, 74, 74, 74, 75, 75, 74, 75, 75, 75, 74, 75, 75, 75, 75, 75, 75, 74, 75, 75]    # seeds 0 to 39
+OFFICIAL_SEED_1 = [18, 19, 20, 32, 33, 34, 46, 47, 48, 60, 61, 62, 74, 75, 76, 88, 89, 90, 97, 98, 99, 100, 101, 102,
+                   103, 104, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 122, 123, 124, 125, 126, 127, 128,
+                   129, 130, 131, 132, 136, 137, 138, 140, 141, 142, 143, 144, 150, 151, 152, 154, 155, 156, 157, 158,
+                   164, 165, 166, 168, 169, 170, 171, 172, 178, 179, 180]
+OFFICIAL_SEED_5 = [39, 40, 52, 53, 54, 56, 57, 58, 59, 60, 66, 67, 68, 70, 71, 72, 73, 74, 80, 81, 82, 84, 85, 86, 87,
+                   88, 94, 95, 96, 98, 99, 100, 101, 102, 108, 109, 110, 112, 113, 114, 115, 116, 122, 123, 124, 126,
+                   127, 128, 129, 130, 136, 137, 138, 140, 141, 142, 143, 144, 154, 155, 156, 157, 158, 168, 169, 170,
+                   171, 172, 182, 183, 184, 185, 186]                                          # 73: stopped short
+
+
+def test_block_mask_equals_the_official_generator_for_equal_seeds():
+    masked = block_mask(list(range(40)), (14, 14), 75, min_block=16)
+    assert masked.sum(1).tolist() == OFFICIAL_COUNTS
+    assert masked[1].nonzero().flatten().tolist() == OFFICIAL_SEED_1
+    assert masked[5].nonzero().flatten().tolist() == OFFICIAL_SEED_5
+
+
 def test_block_mask_small_cases_by_hand():
     # 2x2 grid, one patch, blocks >= 1: a try fits only as a 1x1 block (sides must be < 2), so exactly one patch
     masked = block_mask(list(range(50)), (2, 2), 1, min_block=1)

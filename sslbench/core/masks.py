@@ -193,7 +193,7 @@ def _beit_blocks(rng: random.Random, height: int, width: int, count: int, min_bl
         for _ in range(10):
             area = rng.uniform(min_block, budget)
             aspect = math.exp(rng.uniform(*log_aspect))
-            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
             if not (h < height and w < width):
                 continue
             top, left = rng.randint(0, height - h), rng.randint(0, width - w)
