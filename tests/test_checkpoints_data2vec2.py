@@ -294,3 +294,52 @@ def test_reference_is_not_the_converter():
     images = torch.randn(2, 1, 28, 28)
     assert not torch.allclose(fairseq_encoder(state, images)[-1], fairseq_encoder(swapped, images)[-1], atol=1e-3)
     assert math.isfinite(float(fairseq_encoder(state, images)[-1].sum()))
+
+
+def test_sslbench_eval_of_a_finetuned_file_scores_its_feature_in_every_evaluator(tmp_path, tiny_recipe,
+                                                                                   write_recipe):
+    """End to end (``sslbench eval``): a fine-tuned file on the tiny recipe, every evaluator asking for
+    ``mean_fc_norm``; the k-NN row equals k-NN on the feature fairseq's classifier computes from the file."""
+    import pandas as pd
+
+    from sslbench.cli import main
+    from sslbench.core.registry import get_registry
+    from sslbench.data.geometry import normalisation
+    from sslbench.data.views import EvalTransform, to_float
+    from sslbench.evaluation import knn
+    from sslbench.training.assembly import load_datasets
+    from sslbench.training.recipe import resolve
+
+    state = finetuned_state(depth=1, prenet=1)                 # 1 prenet + 1 main: the tiny recipe's 2 blocks
+    state[f"model.{P}fixed_positional_encoder.positions"] = 0.2 * torch.randn(1, 16, DIM)  # 16 px, 4-px patches
+    torch.save({"model": state}, tmp_path / "ft.pt")
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["eval"] = [{"name": "knn", "k": [5], "token": "mean_fc_norm"},
+                      {"name": "low_shot", "shots": [2], "fractions": [], "splits": 1, "token": "mean_fc_norm"},
+                      {"name": "clustering", "n_init": 1, "token": "mean_fc_norm"},
+                      {"name": "per_block", "k": [5], "norm": "raw", "token": "mean_fc_norm"},
+                      {"name": "linear_probe", "n_last_blocks": [0], "avgpool": [True], "pool": "mean_fc_norm",
+                       "epochs": 1, "lrs": [0.1]}]
+    assert main(["eval", str(write_recipe(recipe)), "--checkpoint", str(tmp_path / "ft.pt"), "--format",
+                 "data2vec2", "--name", "ft", "--no-progress"]) == 0
+    frame = pd.read_csv(tmp_path / "runs" / "ft" / "metrics.csv", keep_default_na=False)
+    assert set(frame["evaluator"]) == {"knn", "low_shot", "clustering", "per_block", "linear_probe"}
+    named = {e: set(v) for e, v in frame.groupby("evaluator")["variant"]}
+    assert named["knn"] == {"k=5,b1.mean_fc_norm.normed"}
+    assert named["low_shot"] == {"2shot,b1.mean_fc_norm.normed"}
+    assert named["clustering"] == {"test,b1.mean_fc_norm.normed"}
+    assert named["per_block"] == {"k=5,block=0,raw,mean_fc_norm", "k=5,block=1,raw,mean_fc_norm"}
+    assert named["linear_probe"] == {"best,normed", "mean_fc_norm,normed"}
+
+    # the k-NN row, recomputed from the feature fairseq's classifier computes on the same evaluation images
+    registry = get_registry()
+    resolved = resolve(recipe, registry)
+    datasets = load_datasets(resolved, registry)
+    mean, std = normalisation(resolved, 1)
+    transform = EvalTransform(16, mean=mean, std=std)
+    with torch.no_grad():
+        features = {split: fairseq_classifier(state, transform(to_float(datasets[split].images)))[0]
+                    for split in ("train", "test")}
+    expected = knn(features["train"], datasets["train"].labels, features["test"], datasets["test"].labels, k=(5,))
+    top1 = frame[(frame["evaluator"] == "knn") & (frame["metric"] == "top1")]["value"]
+    assert float(top1.iloc[0]) == pytest.approx(expected["top1@k=5"], abs=1e-9)
