@@ -343,3 +343,31 @@ def test_sslbench_eval_of_a_finetuned_file_scores_its_feature_in_every_evaluator
     expected = knn(features["train"], datasets["train"].labels, features["test"], datasets["test"].labels, k=(5,))
     top1 = frame[(frame["evaluator"] == "knn") & (frame["metric"] == "top1")]["value"]
     assert float(top1.iloc[0]) == pytest.approx(expected["top1@k=5"], abs=1e-9)
+
+
+def test_a_run_from_a_finetuned_file_keeps_its_pooling_norm_in_backbone_pt(tmp_path, tiny_recipe, write_recipe):
+    """A run that starts from a fine-tuned file writes the file's ``fc_norm`` into ``checkpoints/backbone.pt``
+    (encoder and EMA), so evaluating that file later uses the norm the run's own evaluations used — not the
+    parameter-free fallback."""
+    from sslbench.cli import main
+    from sslbench.core.backbone import build_backbone
+    from sslbench.core.checkpoints import load_checkpoint
+
+    state = finetuned_state(depth=1, prenet=1)
+    state[f"model.{P}fixed_positional_encoder.positions"] = 0.2 * torch.randn(1, 16, DIM)
+    torch.save({"model": state}, tmp_path / "ft.pt")
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["backbone"].update({"checkpoint": str(tmp_path / "ft.pt"), "checkpoint_format": "data2vec2"})
+    recipe["stages"][0].update({"steps": 1, "ema_momentum": 0.99})
+    recipe["eval"] = [{"name": "knn", "k": [5], "token": "mean_fc_norm"}]
+    assert main(["run", str(write_recipe(recipe)), "--no-progress"]) == 0
+
+    saved = tmp_path / "runs" / "tiny" / "checkpoints" / "backbone.pt"
+    for fmt in ("sslbench", "sslbench_ema"):
+        backbone = build_backbone(**{k: v for k, v in recipe["backbone"].items()
+                                     if k not in ("checkpoint", "checkpoint_format")},
+                                  block="post_norm", pre_norm=True, final_norm=False, no_embed_class=True)
+        report = load_checkpoint(backbone, saved, fmt)
+        assert report.pooling == ["fc_norm.bias", "fc_norm.weight"]
+        assert torch.equal(backbone.fc_norm.weight, state["fc_norm.weight"])
+        assert torch.equal(backbone.fc_norm.bias, state["fc_norm.bias"])

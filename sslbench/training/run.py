@@ -38,6 +38,16 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+
+def encoder_state(backbone) -> dict:
+    """What ``backbone.pt`` keeps of a backbone: the ViT's weights in timm names, plus the pooling LayerNorm
+    (``fc_norm.*``) when the backbone was loaded from a file that had one (a fine-tuned data2vec 2.0 release), so a
+    later ``mean_fc_norm`` evaluation of this run's file uses the same norm as the evaluations inside the run."""
+    state = dict(backbone.vit.state_dict())
+    if getattr(backbone, "fc_norm", None) is not None:
+        state.update({f"fc_norm.{k}": v for k, v in backbone.fc_norm.state_dict().items()})
+    return state
+
 class Run:
     """One run of a resolved recipe.
 
@@ -192,8 +202,8 @@ class Run:
         path = self.ckpt_dir / "backbone.pt"
         if self.accelerator.is_main_process:
             ema = self.ema
-            atomic_torch_save({"format": "sslbench", "backbone": self.backbone.vit.state_dict(),
-                               "ema": ema.module.vit.state_dict() if ema is not None else None,
+            atomic_torch_save({"format": "sslbench", "backbone": encoder_state(self.backbone),
+                               "ema": encoder_state(ema.module) if ema is not None else None,
                                "recipe_hash": self.recipe.recipe_hash,
                                "backbone_recipe": self.recipe.as_dict()["backbone"]},
                               path)
