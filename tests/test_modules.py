@@ -262,3 +262,17 @@ def test_queue_topk_pick_from_keyed_numbers_depends_on_the_row_not_on_the_batch_
     top3 = (torch.nn.functional.normalize(x, dim=1) @ queue.values.T).topk(3).indices
     assert torch.equal(whole[0], queue.values[top3[0, 0]]) and torch.equal(whole[1], queue.values[top3[1, 2]])
     assert torch.equal(queue.lookup(x, torch.arange(4), topk=1, uniform=u), queue.lookup(x, torch.arange(4)))
+
+
+def test_queue_lookup_picks_the_fp32_nearest_neighbour_under_bf16_autocast():
+    """Neighbours are chosen on fp32 cosines whatever the autocast: among 2,000 stored vectors many are near-ties
+    that bf16 products would order differently (this test fails when the similarity matmul runs under autocast)."""
+    g = torch.Generator().manual_seed(0)
+    queue = NNQueue(size=2000, dim=64, normalize=False)
+    queue.enqueue(torch.randn(2000, 64, generator=g), torch.arange(2000))
+    queries = torch.randn(256, 64, generator=g)
+    ids = torch.full((256,), -1)
+    plain = queue.lookup(queries, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = queue.lookup(queries, ids)
+    assert torch.equal(mixed, plain)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslbench.core import distributed
+from sslbench.core.losses import fp32_einsum, unit_fp32
 
 __all__ = ["NNQueue", "mlp", "GlobalBatchNorm1d", "convert_sync_batchnorm", "parameters_as_buffers", "EMA", "cosine_momentum"]
 
@@ -78,7 +79,9 @@ class NNQueue(nn.Module):
             return F.normalize(x, dim=-1) if self.normalize else x.clone()
         # The ring buffer fills slots 0..size-1 in order, so the filled entries are always the first `filled`.
         stored = self.values[:filled]
-        similarity = F.normalize(x.float(), dim=-1) @ F.normalize(stored.float(), dim=-1).T
+        # fp32 with autocast off: under bf16 autocast the matmul would round the cosines to ~3 digits and pick
+        # neighbours among near-ties at random (the NN choice is as much part of the loss as its logits)
+        similarity = fp32_einsum("qd,kd->qk", unit_fp32(x), unit_fp32(stored))
         if ids is not None:
             if len(x) % len(ids):
                 raise ValueError(f"{len(x)} query rows do not match {len(ids)} ids")
