@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslbench.core.errors import UserError
+from sslbench.core.errors import RecipeError, UserError
 
 #: ``[backbone] model_args`` keys that sslbench sets itself or that have their own recipe key
 RESERVED_ARGS = {
@@ -74,26 +74,30 @@ def check_model_args(model: str, constructor: Any, args: dict[str, Any]) -> None
     for key, value in args.items():
         where = f"backbone.model_args.{key}"
         if key in RESERVED_ARGS:
-            raise UserError(f"{where}: not settable here ({RESERVED_ARGS[key]})")
+            raise RecipeError(where, f"not settable here ({RESERVED_ARGS[key]})")
         if key not in params or key in ("self", "args", "kwargs"):
             plain = sorted(k for k, p in params.items() if k not in RESERVED_ARGS and k != "self"
                            and p.kind is p.POSITIONAL_OR_KEYWORD
                            and (p.default is None or isinstance(p.default, (bool, int, float, str))))
             name = getattr(constructor, "__name__", type(constructor).__name__)
-            raise UserError(f"{where}: {name} (model {model!r}) takes no argument {key!r}; it takes "
+            raise RecipeError(where, f"{name} (model {model!r}) takes no argument {key!r}; it takes "
                             f"{', '.join(plain)}")
         default = params[key].default
         if value is None and default is None:
             continue
         if default is not None and not isinstance(default, (bool, int, float, str)):
-            raise UserError(f"{where}: a {type(default).__name__} argument cannot be set from a recipe")
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise UserError(f"{where}: expected true or false, got {value!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
-                isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise UserError(f"{where}: expected a number, got {value!r}")
+            raise RecipeError(where, f"a {type(default).__name__} argument cannot be set from a recipe")
+        # the expected type: the default's, or the annotation's for a None default (``Optional[float]``)
+        hint = str(params[key].annotation)
+        wants_bool = isinstance(default, bool) or (default is None and "bool" in hint)
+        wants_number = (isinstance(default, (int, float)) and not isinstance(default, bool)) or (
+            default is None and ("float" in hint or "int" in hint) and "str" not in hint)
+        if wants_bool and not isinstance(value, bool):
+            raise RecipeError(where, f"expected true or false, got {value!r}")
+        if wants_number and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise RecipeError(where, f"expected a number, got {value!r}")
         if not isinstance(value, (bool, int, float, str)):
-            raise UserError(f"{where}: expected a number, boolean or string, got {value!r}")
+            raise RecipeError(where, f"expected a number, boolean or string, got {value!r}")
 
 
 def relative_index(window: tuple[int, int], positions: Tensor, grid: tuple[int, int], cls: bool = True) -> Tensor:
