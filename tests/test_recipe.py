@@ -171,7 +171,8 @@ def test_recipe_error_carries_the_source():
 # refinements moved on 2026-11-29 on purpose: their starting checkpoint is now runs/fmnist_mae/... (a user's runs
 # went from results/runs/ to runs/); their committed rows carry the old hashes (cb912815…, 68a7cf16…, b5f423e9…).
 COMMITTED_HASHES = {
-    "recipes/conmim_vitl.toml": ("06c187bccc91a9c8", "d37415a6f0c5b1dd"),
+    # moved on 2026-12-05 on purpose: the official BEiT-style ViT-L (no committed results carried the old 06c187bc…)
+    "recipes/conmim_vitl.toml": ("06c8d2aa2ff8aef9", "d37415a6f0c5b1dd"),
     "recipes/digits/mae.toml": ("053a917c6fecf6be", "8a1d1f20846650d4"),
     "recipes/digits/maect.toml": ("ca7ce7c68fdab3fd", "8a1d1f20846650d4"),
     "recipes/digits/mimrefiner.toml": ("206b652439603a6a", "8a1d1f20846650d4"),
