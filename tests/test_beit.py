@@ -265,3 +265,31 @@ def test_official_conmim_vitl_architecture_on_the_meta_device():
     assert (b.embed_dim, b.depth, b.num_heads, b.num_patches) == (1024, 24, 16, 196)
     assert b.architecture["rel_pos_bias"] == "shared" and b.vit.pos_embed is None
     assert b.vit.rel_pos_bias.relative_position_bias_table.shape == (27 * 27 + 3, 16)
+
+
+def test_a_recipe_trains_evaluates_and_reloads_a_beit(tiny_recipe, write_recipe, tmp_path, capsys):
+    """`sslbench run` of a BEiT recipe: MAE drops 75% of the patches (bias of the kept positions), the k-NN
+    evaluation runs, and the saved backbone.pt records model_args and loads into the BEiT it describes."""
+    from sslbench.cli import main
+    from sslbench.core.checkpoints import load_checkpoint
+    from sslbench.core.registry import get_registry
+    from sslbench.training.assembly import build_model
+    from sslbench.training.recipe import resolve
+
+    tiny_recipe["backbone"] = {"model": "beit_base_patch16_224", "img_size": 16, "patch_size": 4, "in_chans": 1,
+                               "embed_dim": 32, "depth": 2, "num_heads": 2,
+                               "model_args": {**SHARED, "init_values": 0.1}}
+    tiny_recipe["stages"][0]["steps"] = 2
+    assert main(["run", str(write_recipe(tiny_recipe)), "--no-progress"]) == 0, capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "tiny"
+    assert "knn" in (run_dir / "metrics.csv").read_text()
+    saved = torch.load(run_dir / "checkpoints" / "backbone.pt", weights_only=True)
+    assert saved["backbone_recipe"]["model_args"] == {**SHARED, "init_values": 0.1}
+    assert "rel_pos_bias.relative_position_bias_table" in saved["backbone"]
+    recipe = resolve(tiny_recipe, get_registry())
+    backbone, _ = build_model(recipe, get_registry())
+    load_checkpoint(backbone, run_dir / "checkpoints" / "backbone.pt", "sslbench")
+    assert torch.equal(backbone.vit.rel_pos_bias.relative_position_bias_table,
+                       saved["backbone"]["rel_pos_bias.relative_position_bias_table"])
+    other = dict(tiny_recipe, backbone={**tiny_recipe["backbone"], "model_args": {}})
+    assert resolve(other, get_registry()).recipe_hash != recipe.recipe_hash  # model_args are hashed when given
