@@ -293,3 +293,16 @@ def test_a_recipe_trains_evaluates_and_reloads_a_beit(tiny_recipe, write_recipe,
                        saved["backbone"]["rel_pos_bias.relative_position_bias_table"])
     other = dict(tiny_recipe, backbone={**tiny_recipe["backbone"], "model_args": {}})
     assert resolve(other, get_registry()).recipe_hash != recipe.recipe_hash  # model_args are hashed when given
+
+
+def test_freezing_the_stem_freezes_the_shared_bias():
+    """Frozen blocks[:K] must compute as before: the shared table feeds them, so it is frozen with the stem."""
+    from sslbench.training.optim import frozen_names
+
+    holder = torch.nn.Module()
+    holder.backbone = tiny_beit(LAYOUTS["both+abs_pos"])
+    frozen = frozen_names(holder, ["blocks[:1]"], 3, "stages[0].freeze")
+    assert "backbone.vit.rel_pos_bias.relative_position_bias_table" in frozen
+    assert "backbone.vit.blocks.0.attn.relative_position_bias_table" in frozen
+    assert "backbone.vit.blocks.1.attn.relative_position_bias_table" not in frozen
+    assert "backbone.vit.rel_pos_bias.relative_position_bias_table" in frozen_names(holder, ["stem"], 3, "f")
