@@ -27,6 +27,9 @@ REGISTRY = build_registry()
 OBJECTIVES = REGISTRY.names("objective")
 # 32 px in 4-px patches: 64 patch tokens, enough for every default mask ratio (MiCL keeps 10%: 3 per view).
 INFO = DataInfo(image_size=32, channels=1, mean=(0.5,), std=(0.5,), num_samples=64)
+# Defaults tied to 224-px images that cannot fit this 8x8 grid, scaled down (an objective refuses them with a
+# recipe error rather than bending them): ConMIM's official 75 block-masked patches of 196 → 24 of 64.
+TINY_GRID_OPTIONS = {"conmim": {"mask_patches": 24}}
 
 
 #: the tiny backbones every objective is run on: a plain ViT, and a BEiT with a shared relative position bias and
@@ -44,7 +47,8 @@ def build(name: str, seed: int = 0, backbone: str = "vit") -> Objective:
     model, extra = BACKBONES[backbone]
     encoder = build_backbone(model, img_size=INFO.image_size, patch_size=4, in_chans=1, embed_dim=32, depth=4,
                              num_heads=2, **extra)
-    return factory(encoder, validate_options(factory.options, {}, "options"), StageContext(0, 4, 4, 1, 0, 0))
+    options = validate_options(factory.options, TINY_GRID_OPTIONS.get(name, {}), "options")
+    return factory(encoder, options, StageContext(0, 4, 4, 1, 0, 0))
 
 
 def one_step(objective: Objective, step: int = 0) -> dict:
