@@ -160,6 +160,7 @@ class _Source:
         spec = self.backbone
         kwargs = {k: spec.get(k) for k in _SIZES}
         kwargs["pos_embed"] = spec.get("pos_embed", "learned")
+        kwargs["model_args"] = dict(spec.get("model_args") or {})
         if spec.get("checkpoint"):
             kwargs.update(registry.get("checkpoint_format", spec.get("checkpoint_format", "timm")).factory.architecture)
         return build_backbone(spec["model"], **kwargs)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from sslbench.core import beit as _beit
 from sslbench.core.errors import UserError
 from sslbench.core.masks import DropMask, Mask, ReplaceMask, SplitMask
 
@@ -143,13 +144,18 @@ class Backbone(nn.Module):
         self.img_size: int = img_h
         self.in_chans: int = vit.patch_embed.proj.in_channels
         self.num_prefix_tokens: int = vit.num_prefix_tokens
+        # a timm Beit (relative position bias, layer scale): its blocks run through sslbench.core.beit
+        self.is_beit: bool = _beit.is_beit(vit)
         self.architecture: dict[str, Any] = {
             "pos_embed": pos_embed,
-            "block": "post_norm" if isinstance(vit.blocks[0], _post_norm()) else "pre_norm",
-            "pre_norm": not isinstance(vit.norm_pre, nn.Identity),
+            "block": "beit" if self.is_beit else
+                     "post_norm" if isinstance(vit.blocks[0], _post_norm()) else "pre_norm",
+            "pre_norm": not isinstance(getattr(vit, "norm_pre", nn.Identity()), nn.Identity),
             "final_norm": not isinstance(vit.norm, nn.Identity),
-            "no_embed_class": bool(vit.no_embed_class),
+            "no_embed_class": bool(getattr(vit, "no_embed_class", False)),
         }
+        if self.is_beit:
+            self.architecture.update(_beit.architecture(vit))
         # a plain None until a checkpoint brings one, so a backbone without it has the same repr and state dict
         # (and feature-cache keys) as before the attribute existed
         self.fc_norm: nn.Module | None = None
@@ -190,8 +196,8 @@ class Backbone(nn.Module):
         pos = self.vit.pos_embed
         if pos is None:
             return patches
-        # timm layouts: pos_embed covers [prefix tokens, patches] unless no_embed_class
-        pos = pos if self.vit.no_embed_class else pos[:, self.num_prefix_tokens:]
+        # timm layouts: pos_embed covers [prefix tokens, patches] unless no_embed_class (BEiT: always covers CLS)
+        pos = pos if getattr(self.vit, "no_embed_class", False) else pos[:, self.num_prefix_tokens:]
         if grid is None or tuple(grid) == tuple(self.grid_size):
             return patches + pos
         gh, gw = self.grid_size
@@ -207,11 +213,11 @@ class Backbone(nn.Module):
     def prepend_prefix(self, tokens: Tensor) -> Tensor:
         """Concatenate CLS (and register) tokens, with their own position embedding if the layout has one."""
         vit = self.vit
-        parts = [p for p in (vit.cls_token, vit.reg_token) if p is not None]
+        parts = [p for p in (vit.cls_token, getattr(vit, "reg_token", None)) if p is not None]
         if not parts:
             return tokens
         prefix = torch.cat(parts, dim=1)
-        if vit.pos_embed is not None and not vit.no_embed_class:
+        if vit.pos_embed is not None and not getattr(vit, "no_embed_class", False):
             prefix = prefix + vit.pos_embed[:, :self.num_prefix_tokens]
         return torch.cat([prefix.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
 
@@ -239,41 +245,55 @@ class Backbone(nn.Module):
         if isinstance(mask, ReplaceMask):
             token = mask.token.reshape(1, 1, -1).to(x.dtype)
             x = torch.where(mask.masked.unsqueeze(-1), token, x)
-        x = self.add_pos_embed(x, self.grid_of(images))
+        grid = self.grid_of(images)
+        x = self.add_pos_embed(x, grid)
+        positions = None  # grid positions of the kept patches (for a relative position bias); None: all, in order
         if isinstance(mask, DropMask):
             x = torch.gather(x, 1, mask.keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            positions = mask.keep
         elif isinstance(mask, SplitMask):
             batch, splits, per_split = mask.groups.shape
             x = torch.gather(x, 1, mask.groups.reshape(batch, splits * per_split, 1).expand(-1, -1, x.shape[-1]))
             # (B, S, K, D) → split-major (S*B, K, D): rows [s*B:(s+1)*B] are split s
             x = x.reshape(batch, splits, per_split, -1).transpose(0, 1).reshape(splits * batch, per_split, -1)
+            positions = mask.groups.transpose(0, 1).reshape(splits * batch, per_split)
         elif mask is not None and not isinstance(mask, ReplaceMask):
             raise TypeError(f"unknown mask type {type(mask).__name__}")
-        return self.forward_tokens(x, blocks=blocks, out=out, final=final)
+        return self.forward_tokens(x, blocks=blocks, out=out, final=final, positions=positions, grid=grid)
 
     def forward_tokens(self, patches: Tensor, *, cls: bool = True, blocks: Sequence[int] = (),
-                       out: str = "normed", final: bool = True) -> BackboneOutput:
+                       out: str = "normed", final: bool = True, positions: Tensor | None = None,
+                       grid: tuple[int, int] | None = None) -> BackboneOutput:
         """Run the encoder on patch tokens that already carry their position embeddings, (B, K, D).
 
         ``cls=False`` runs the blocks without prefix tokens. With ``final=False`` the loop stops after the
-        last requested block.
+        last requested block. A BEiT backbone's relative position bias needs to know where the tokens are:
+        ``positions`` (B, K) are their patch indices on ``grid`` (default: the backbone's); without them the K
+        tokens must be the whole grid in patch order. A plain ViT ignores both (its positions are in the tokens).
         """
         if out not in OUTPUTS:
             raise ValueError(f"out must be one of {OUTPUTS}, got {out!r}")
         wanted = set(self.block_indices(blocks))
         if not final and not wanted:
             raise ValueError("forward(final=False) needs at least one requested block")
+        bias = self._token_bias(patches, cls, positions, grid) if self.is_beit else None
         x = self.prepend_prefix(patches) if cls else patches
-        x = self.vit.norm_pre(self.vit.pos_drop(x))
+        x = self.vit.pos_drop(x)
+        if not self.is_beit:
+            x = self.vit.norm_pre(x)
         last = self.depth - 1 if final else max(wanted)
         raw: dict[int, Tensor] = {}
         normed: dict[int, Tensor] = {}
         for index in range(last + 1):
             block = self.vit.blocks[index]
+            # BEiT: the block's own bias table is looked up inside the (checkpointed) call, so backward keeps
+            # the shared (B, L, L) index instead of a (B, H, L, L) bias per block
+            args = (x,) if bias is None else (x, bias.block_index(block), bias.shared)
+            run = block if bias is None else lambda *a, _block=block: _beit.block_forward(_block, *a)
             if self.vit.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(run, *args, use_reentrant=False)
             else:
-                x = block(x)
+                x = run(*args)
             if index in wanted:
                 if out in ("raw", "both"):
                     raw[index] = x
@@ -281,12 +301,25 @@ class Backbone(nn.Module):
                     normed[index] = self.vit.norm(x)
         return BackboneOutput(tokens=self.vit.norm(x) if final else None, raw=raw, normed=normed)
 
+    def _token_bias(self, patches: Tensor, cls: bool, positions: Tensor | None,
+                    grid: tuple[int, int] | None) -> "_beit.TokenBias":
+        grid = tuple(grid) if grid is not None else self.grid_size
+        count = patches.shape[1]
+        if positions is None and count != grid[0] * grid[1]:
+            raise ValueError(f"forward_tokens on a BEiT backbone: {count} tokens are not the whole "
+                             f"{grid[0]}x{grid[1]} grid; pass positions= (their patch indices)")
+        if positions is not None and tuple(positions.shape) != tuple(patches.shape[:2]):
+            raise ValueError(f"positions {tuple(positions.shape)} do not match the tokens {tuple(patches.shape[:2])}")
+        return _beit.TokenBias(self.vit, positions, grid, cls, patches.device)
+
     # --- training helpers ---------------------------------------------------------------------------------
     def layer_id(self, param_name: str) -> int:
         """Layer of a parameter for layer-wise LR decay: stem 0, ``blocks.k`` k+1, the rest (final norm) depth+1.
 
         Accepts names relative to the backbone (``vit.blocks.3.attn.qkv.weight``) or to the ViT; any name
-        containing ``mask_token`` (an objective's learned mask token) is counted as stem.
+        containing ``mask_token`` (an objective's learned mask token) is counted as stem. A BEiT's shared relative
+        position bias (``rel_pos_bias.*``) is depth+1, with the final norm, as in BEiT's and ConMIM's
+        ``get_num_layer_for_vit`` (it serves every block; a per-block table is in its block).
         """
         name = param_name.removeprefix("vit.")
         root = name.split(".")[0]
@@ -310,10 +343,10 @@ def _model_defaults(model: str) -> nn.Module:
         raise UserError(f"backbone.model: unknown timm model {model!r} (see timm.list_models('vit_*'))")
     with torch.device("meta"):
         probe = timm.create_model(model, pretrained=False, num_classes=0)
-    if not isinstance(probe, VisionTransformer):
+    if not isinstance(probe, VisionTransformer) and not _beit.is_beit(probe):
         raise UserError(f"backbone.model: {model!r} is a {type(probe).__name__}, expected a timm "
-                        f"VisionTransformer (e.g. vit_base_patch16_224)")
-    if not probe.has_class_token:
+                        f"VisionTransformer (e.g. vit_base_patch16_224) or Beit (e.g. beit_base_patch16_224)")
+    if not getattr(probe, "has_class_token", True):   # a Beit always has one
         raise UserError(f"backbone.model: {model!r} has no class token; sslbench needs one")
     return probe
 
@@ -322,13 +355,17 @@ def build_backbone(model: str, *, img_size: int | None = None, patch_size: int |
                    in_chans: int | None = None, embed_dim: int | None = None, depth: int | None = None,
                    num_heads: int | None = None, pos_embed: str = "learned", block: str = "pre_norm",
                    pre_norm: bool | None = None, final_norm: bool | None = None,
-                   no_embed_class: bool | None = None, pretrained_timm: bool = False) -> Backbone:
+                   no_embed_class: bool | None = None, pretrained_timm: bool = False,
+                   model_args: dict[str, Any] | None = None) -> Backbone:
     """Create timm's ``model`` with the given overrides (None = the model's own value) as a :class:`Backbone`.
 
     ``pos_embed='sincos'`` fixes the position embedding to :func:`sincos_2d_position_embedding` (CLS row
     zero) with ``requires_grad=False``; ``block='post_norm'`` uses :class:`PostNormBlock`; ``pre_norm=True``
     adds a LayerNorm on the embeddings before block 0 (the patch projection keeps its bias, unlike timm's
-    CLIP-style ``pre_norm``); ``final_norm=False`` drops the final norm.
+    CLIP-style ``pre_norm``); ``final_norm=False`` drops the final norm. ``model_args`` (recipe key
+    ``backbone.model_args``) go to timm's constructor as they are, e.g. a BEiT's ``use_shared_rel_pos_bias``,
+    ``use_rel_pos_bias``, ``use_abs_pos_emb``, ``init_values`` (layer scale) or ``drop_path_rate``; those the
+    constructor does not take, and those sslbench sets itself, are refused.
     """
     if pos_embed not in POS_EMBEDS:
         raise UserError(f"backbone.pos_embed: got {pos_embed!r}, expected one of {', '.join(POS_EMBEDS)}")
@@ -344,18 +381,26 @@ def build_backbone(model: str, *, img_size: int | None = None, patch_size: int |
     if dim % heads:
         raise UserError(f"backbone.embed_dim ({dim}) must be divisible by backbone.num_heads ({heads})")
 
+    beit = _beit.is_beit(probe)
+    _beit.check_model_args(model, type(probe), dict(model_args or {}))
+    if beit:
+        _refuse_for_beit(model, block=block != "pre_norm", pre_norm=bool(pre_norm), final_norm=final_norm is False,
+                         no_embed_class=bool(no_embed_class))
     given = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-                 num_heads=num_heads, final_norm=final_norm, no_embed_class=no_embed_class)
+                 num_heads=num_heads, final_norm=None if beit else final_norm,
+                 no_embed_class=None if beit else no_embed_class)
     overrides = {k: v for k, v in given.items() if v is not None}
-    if pre_norm is False:
+    overrides.update(model_args or {})
+    if pre_norm is False and not beit:
         overrides["pre_norm"] = False
     if block == "post_norm":
         overrides["block_fn"] = _post_norm()
     # fc_norm=False keeps the final norm in `vit.norm` (applied to every token), whatever the pooling default
+    # (a Beit's argument is use_fc_norm: its default, with average pooling, would move the norm after pooling)
+    overrides["use_fc_norm" if beit else "fc_norm"] = False
     import timm
 
-    vit = timm.create_model(model, pretrained=pretrained_timm, num_classes=0, global_pool="token",
-                            fc_norm=False, **overrides)
+    vit = timm.create_model(model, pretrained=pretrained_timm, num_classes=0, global_pool="token", **overrides)
     if pre_norm and isinstance(vit.norm_pre, nn.Identity):
         eps = getattr(vit.blocks[0].norm1, "eps", 1e-6)
         vit.norm_pre = nn.LayerNorm(vit.embed_dim, eps=eps)
@@ -364,12 +409,21 @@ def build_backbone(model: str, *, img_size: int | None = None, patch_size: int |
     return Backbone(vit, model=model, pos_embed=pos_embed)
 
 
+def _refuse_for_beit(model: str, **given: bool) -> None:
+    """The data2vec 2.0 build options (from ``backbone.checkpoint_format``) have no BEiT counterpart."""
+    wrong = [k for k, v in given.items() if v]
+    if wrong:
+        raise UserError(f"backbone.model: {model!r} is a BEiT (pre-norm blocks with relative position bias); it "
+                        f"cannot be built with {', '.join(wrong)} (implied by backbone.checkpoint_format?)")
+
+
 def _fix_sincos(vit: nn.Module) -> None:
     if vit.pos_embed is None:
-        raise UserError("backbone.pos_embed = 'sincos' needs a model with a position embedding")
+        raise UserError("backbone.pos_embed = 'sincos' needs a model with a position embedding"
+                        + (" (a BEiT needs backbone.model_args.use_abs_pos_emb = true)" if _beit.is_beit(vit) else ""))
     grid_h, grid_w = vit.patch_embed.grid_size
     table = sincos_2d_position_embedding(grid_h, grid_w, vit.embed_dim)
-    if not vit.no_embed_class:
+    if not getattr(vit, "no_embed_class", False):
         table = torch.cat([torch.zeros(vit.num_prefix_tokens, vit.embed_dim), table])
     with torch.no_grad():
         vit.pos_embed.copy_(table.unsqueeze(0))

@@ -4,8 +4,8 @@ timm reads such a folder with ``timm.create_model("local-dir:DIR", pretrained=Tr
 with ``hf-hub:REPO``): ``config.json`` names the ``architecture`` (a timm model name), the ``model_args`` passed to it
 on top of that architecture's defaults, and a ``pretrained_cfg`` (input size, normalisation, interpolation, crop,
 ``num_classes``) that timm's data helpers (``timm.data.resolve_data_config``) read; the weights are a timm
-``VisionTransformer`` state dict. sslbench's :class:`~sslbench.core.backbone.Backbone` *is* a timm
-``VisionTransformer`` (``backbone.vit``), so exporting one is a matter of
+``VisionTransformer`` (or, for ``beit_*`` models, ``Beit``) state dict. sslbench's
+:class:`~sslbench.core.backbone.Backbone` *is* such a timm model (``backbone.vit``), so exporting one is a matter of
 
 * naming every constructor argument in which it differs from the architecture's defaults (sizes, pooling, token
   layout), found by comparing it with a default build of the architecture on the ``meta`` device;
@@ -49,7 +49,34 @@ _ARGS = {
     "global_pool": lambda vit: str(vit.global_pool),
     "final_norm": lambda vit: not (isinstance(vit.norm, nn.Identity) and isinstance(vit.fc_norm, nn.Identity)),
     "fc_norm": lambda vit: not isinstance(vit.fc_norm, nn.Identity),
+    "drop_path_rate": lambda vit: _drop_path_rate(vit),
 }
+#: the same for a BEiT-family model (timm's ``Beit``): its relative position bias, layer scale and q/v biases
+_BEIT_ARGS = {
+    **{k: _ARGS[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")},
+    "use_abs_pos_emb": lambda vit: vit.pos_embed is not None,
+    "use_rel_pos_bias": lambda vit: vit.blocks[0].attn.relative_position_bias_table is not None,
+    "use_shared_rel_pos_bias": lambda vit: vit.rel_pos_bias is not None,
+    # the constructor's value (a block keeps it): it decides whether gamma_1/gamma_2 exist; the weights their values
+    "init_values": lambda vit: float(vit.blocks[0].init_values) if vit.blocks[0].init_values else None,
+    "qkv_bias": lambda vit: vit.blocks[0].attn.q_bias is not None,
+    "mlp_ratio": lambda vit: vit.blocks[0].mlp.fc1.out_features / vit.embed_dim,
+    "global_pool": lambda vit: str(vit.global_pool),
+    "use_fc_norm": lambda vit: not isinstance(vit.fc_norm, nn.Identity),
+    "drop_path_rate": lambda vit: _drop_path_rate(vit),
+}
+
+
+def _drop_path_rate(vit: nn.Module) -> float:
+    """The stochastic-depth rate: timm's rule makes the last block's the constructor's ``drop_path_rate``."""
+    last = vit.blocks[-1].drop_path1
+    return float(getattr(last, "drop_prob", 0.0))
+
+
+def _readers(vit: nn.Module) -> dict:
+    from sslbench.core.beit import is_beit
+
+    return _BEIT_ARGS if is_beit(vit) else _ARGS
 
 
 def _plain_timm(architecture: str, args: dict[str, Any]) -> nn.Module:
@@ -63,7 +90,11 @@ def _plain_timm(architecture: str, args: dict[str, Any]) -> nn.Module:
 def model_args(vit: nn.Module, architecture: str) -> dict[str, Any]:
     """The ``model_args`` of ``vit``: each of :data:`_ARGS` whose value differs from ``architecture``'s default."""
     default = _plain_timm(architecture, {})
-    return {name: read(vit) for name, read in _ARGS.items() if read(vit) != read(default)}
+    readers = _readers(vit)
+    if readers is not _readers(default):
+        raise UserError(f"cannot export this backbone as a timm model {architecture!r}: it is a "
+                        f"{type(vit).__name__}, and {architecture!r} a {type(default).__name__}")
+    return {name: read(vit) for name, read in readers.items() if read(vit) != read(default)}
 
 
 def _signature(module: nn.Module) -> list[tuple[str, str, str]]:
@@ -78,7 +109,7 @@ def _why_not(vit: nn.Module) -> str | None:
     if any(isinstance(block, PostNormBlock) for block in vit.blocks):
         return ("its blocks are post-norm (data2vec 2.0 style: norm after each residual add), and timm's "
                 "VisionTransformer has only pre-norm blocks")
-    if not isinstance(vit.norm_pre, nn.Identity) and vit.patch_embed.proj.bias is not None:
+    if not isinstance(getattr(vit, "norm_pre", nn.Identity()), nn.Identity) and vit.patch_embed.proj.bias is not None:
         return ("it normalises the embeddings (norm_pre) after a patch projection with a bias (data2vec 2.0 style); "
                 "timm's pre_norm drops that bias")
     return None

@@ -34,6 +34,7 @@ def backbone_kwargs(recipe: Recipe, registry) -> dict:
     fmt = registry.get("checkpoint_format", spec.checkpoint_format).factory
     kwargs = {k: getattr(spec, k) for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")}
     kwargs["pos_embed"] = spec.pos_embed
+    kwargs["model_args"] = dict(spec.model_args)
     if spec.checkpoint:
         kwargs.update(fmt.architecture)
     return kwargs

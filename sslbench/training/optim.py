@@ -31,14 +31,16 @@ def frozen_names(objective: nn.Module, patterns: list[str], depth: int, key: str
     """Parameter names matched by a stage's ``freeze`` list, plus the backbone's fixed parameters (a sin-cos
     position table stays fixed even in a stage that trains the whole backbone).
 
-    ``backbone`` (the whole encoder), ``stem`` (patch/CLS/position embeddings and the pre-norm), ``heads`` (all
-    that is not the backbone), ``blocks[:K]`` (the first K blocks and the stem — MAE-CT freezes the first half),
+    ``backbone`` (the whole encoder), ``stem`` (patch/CLS/position embeddings, the pre-norm, a BEiT's shared relative
+    position bias), ``heads`` (all that is not the backbone), ``blocks[:K]`` (the first K blocks and the stem — MAE-CT freezes the first half),
     ``blocks[:P%]``, or a glob on parameter names such as ``backbone.vit.blocks.0.*``.
     """
     names = [n for n, _ in objective.named_parameters()]
     fixed_of = getattr(getattr(objective, "backbone", None), "fixed_parameters", None)
     fixed = {f"backbone.{n}" for n in fixed_of()} if callable(fixed_of) else set()
-    stem = re.compile(r"^backbone\.vit\.(patch_embed|cls_token|pos_embed|reg_token|norm_pre)")
+    # a BEiT's shared relative position bias (rel_pos_bias) feeds every block: frozen with the stem so that frozen
+    # blocks compute exactly as before
+    stem = re.compile(r"^backbone\.vit\.(patch_embed|cls_token|pos_embed|reg_token|norm_pre|rel_pos_bias)")
     out: set[str] = set()
     for i, pattern in enumerate(patterns):
         where = f"{key}[{i}]"

@@ -75,6 +75,9 @@ BACKBONE = {
                                               "to this file only, never to one given on the command line"),
     "checkpoint_url": Option(None, str, "where to get backbone.checkpoint (a URL); said when the file is missing",
                              nullable=True),
+    "model_args": Option({}, dict, "further arguments of timm's model constructor, e.g. a BEiT's "
+                         "{ use_shared_rel_pos_bias = true, use_rel_pos_bias = false, use_abs_pos_emb = false, "
+                         "init_values = 1e-5 } (docs/recipes.md)"),
 }
 
 DATA = {

@@ -91,6 +91,8 @@ class BackboneSpec:
     checkpoint_format: str
     checkpoint_trusted: bool
     checkpoint_url: str | None = None
+    #: extra keyword arguments of timm's constructor (BEiT's relative position bias, layer scale, ...)
+    model_args: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,7 @@ class Recipe:
         evals = tuple(EvalSpec(e["name"], e["use_ema"],
                                _readonly({k: v for k, v in e.items() if k not in ("name", "use_ema")}))
                       for e in resolved["eval"])
-        recipe = cls(RunSpec(**{**run, "trackers": tuple(run["trackers"])}), BackboneSpec(**backbone),
+        recipe = cls(RunSpec(**{**run, "trackers": tuple(run["trackers"])}), BackboneSpec(**{**backbone, "model_args": _readonly(backbone.get("model_args") or {})}),
                      DataSpec(**{**data, "train": _readonly(data["train"]), "test": _readonly(data["test"]),
                                  "eval_train": _readonly(data["eval_train"]), "mean": _tuple(data["mean"]),
                                  "std": _tuple(data["std"])}),
@@ -258,6 +260,9 @@ def hashed_form(recipe: Mapping[str, Any] | Recipe) -> dict:
         for key in keys:
             stripped.get(section, {}).pop(key, None)
     drop_compile_off(stripped.get("run", {}))
+    # no model_args: hashed as before the key existed, so earlier recipes keep their hashes
+    if not stripped.get("backbone", {}).get("model_args", True):
+        stripped["backbone"].pop("model_args")
     return stripped
 
 
