@@ -30,7 +30,9 @@ keyed stream, so it depends only on (seed, step, sample) — not on the number o
     mask_unit_px = 32
     temperature = 0.1
 
-Deviation: the paper's ViT is BEiT-style (relative position bias, layer scale); on timm ViTs it is the plain ViT.
+Backbone: the official ViT is BEiT-style (relative position bias shared across blocks, layer scale, no absolute
+positions); ``recipes/conmim_vitl.toml`` builds it as timm's ``beit_large_patch16_224`` through
+``backbone.model_args``. The objective runs on any backbone; the Fashion-MNIST recipe uses a plain ViT.
 """
 
 from __future__ import annotations
