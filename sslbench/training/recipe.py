@@ -77,6 +77,27 @@ BACKBONE = {
                              nullable=True),
 }
 
+# ``[stages.teacher]``: the architecture keys of [backbone] (so any backbone a recipe can build can teach) and the
+# weights, which a teacher must have. Built by :mod:`sslbench.training.teacher`.
+TEACHER = {
+    **{k: v for k, v in BACKBONE.items() if k not in ("img_size", "in_chans", "checkpoint", "checkpoint_trusted",
+                                                       "checkpoint_url")},
+    "img_size": Option(None, int, "input resolution (default: the student's, backbone.img_size: the teacher sees "
+                                  "the student's views)", min=8, nullable=True),
+    "in_chans": Option(None, int, "input channels (default: the student's)", min=1, nullable=True),
+    "checkpoint": Option(None, str, "the teacher's weights (path): any checkpoint format, e.g. an earlier run's "
+                                    "checkpoints/backbone.pt as format sslbench or sslbench_ema", required=True),
+    "checkpoint_trusted": Option(False, bool, "load teacher.checkpoint even though it pickles Python objects besides "
+                                              "tensors; only for a file from a trusted source"),
+    "checkpoint_url": Option(None, str, "where to get teacher.checkpoint (a URL); said when the file is missing",
+                             nullable=True),
+    "checkpoint_sha256": Option(None, str, "sha256 of the teacher's file, filled in from the file when the recipe "
+                                           "is resolved and part of the recipe hash (a changed file is another "
+                                           "recipe); give it to pin the file", nullable=True),
+}
+# keep [backbone]'s order of keys, with the hash last
+TEACHER = {k: TEACHER[k] for k in [*BACKBONE, "checkpoint_sha256"]}
+
 DATA = {
     "train": Option(None, dict, "training data: { source = ..., <source options> }", required=True),
     "test": Option(None, dict, "evaluation queries: { source = ..., <source options> }", required=True),
@@ -105,6 +126,9 @@ STAGE = {
     "optimizer": Option({}, dict, "optimizer table"),
     "schedule": Option({}, dict, "learning-rate schedule table"),
     "options": Option({}, dict, "the objective's own options"),
+    "teacher": Option(None, dict, "a frozen teacher network for the objective ([stages.teacher]: the [backbone] "
+                                  "keys and its checkpoint); only for objectives that learn from one (mimco)",
+                      nullable=True),
 }
 
 OPTIMIZER = {
@@ -164,11 +188,12 @@ def check_run_name(name: str, key: str = "run.name") -> str:
     return name
 
 
-def missing_checkpoint(path: str, url: str | None, recipe: str | None = None) -> str:
-    """What to say when ``backbone.checkpoint`` is not on this machine: where to get it, and how to check or try
-    the rest of the recipe without it."""
+def missing_checkpoint(path: str, url: str | None, recipe: str | None = None, key: str = "backbone.checkpoint") -> str:
+    """What to say when ``backbone.checkpoint`` (or another checkpoint ``key``) is not on this machine: where to get
+    it, and how to check or try the rest of the recipe without it."""
     get = (f"download it from {url} to that path (relative to the folder you launch from)" if url else
-           "set backbone.checkpoint to the weights file, or remove it to train from scratch")
+           f"set {key} to the weights file" + (", or remove it to train from scratch"
+                                               if key == "backbone.checkpoint" else ""))
     recipe = recipe or "RECIPE"
     return (f"file not found: {path} (from {Path.cwd()}); {get}. Without the file, `sslbench check {recipe} "
             f"--allow-missing-files` validates the rest and `sslbench run {recipe} --dry-run` takes one step on "
@@ -219,7 +244,37 @@ def _resolve_source(registry, table: dict, key: str) -> dict:
     return {"source": source, **validate_options(data_source.options, table, key)}
 
 
-def _resolve_stages(registry, stages: Any) -> list[dict]:
+def _resolve_teacher(registry, objective, table: dict | None, key: str, check_files: bool,
+                     source: str | None) -> dict | None:
+    """A stage's teacher table validated, with ``checkpoint_sha256`` filled in from the file when it is here
+    (a missing file is an error unless ``check_files`` is off: ``check --allow-missing-files``, ``--dry-run``)."""
+    from sslbench.training.teacher import file_sha256
+
+    needs = getattr(objective, "needs_teacher", False)
+    if table is None:
+        if needs:
+            raise RecipeError(key, f"objective {objective.name!r} learns from a frozen teacher: add a "
+                                   "[stages.teacher] table with its model, checkpoint and checkpoint_format")
+        return None
+    if not needs:
+        raise RecipeError(key, f"objective {objective.name!r} takes no teacher; remove the [stages.teacher] table")
+    teacher = validate_options(TEACHER, table, key)
+    _plugin(registry, "checkpoint_format", teacher["checkpoint_format"], f"{key}.checkpoint_format")
+    path = Path(teacher["checkpoint"])
+    if path.is_file():
+        digest = file_sha256(path)
+        pinned = teacher["checkpoint_sha256"]
+        if pinned is not None and pinned.lower() != digest:
+            raise RecipeError(f"{key}.checkpoint_sha256", f"{path} has sha256 {digest}, the recipe pins {pinned}: "
+                                                          "the teacher file changed; restore it or update the pin")
+        teacher["checkpoint_sha256"] = digest
+    elif check_files:
+        raise RecipeError(f"{key}.checkpoint", missing_checkpoint(str(path), teacher["checkpoint_url"], source,
+                                                                  f"{key}.checkpoint"))
+    return teacher
+
+
+def _resolve_stages(registry, stages: Any, check_files: bool = True, source: str | None = None) -> list[dict]:
     if not isinstance(stages, list) or not stages:
         raise RecipeError("stages", "expected at least one [[stages]] table")
     resolved, previous = [], None
@@ -228,9 +283,11 @@ def _resolve_stages(registry, stages: Any) -> list[dict]:
         if not isinstance(raw, dict):
             raise RecipeError(key, "expected a table")
         if previous is not None:
-            inherited = {k: v for k, v in previous.items() if k not in ("name", "options")}
+            inherited = {k: v for k, v in previous.items() if k not in ("name", "options", "teacher")}
             if raw.get("objective", previous["objective"]) == previous["objective"]:
                 inherited["options"] = previous["options"]
+                if "teacher" not in raw:          # a table given is taken whole, never merged with the last one
+                    inherited["teacher"] = previous["teacher"]
             raw = _merge(inherited, raw)
         stage = validate_options(STAGE, raw, key)
         stage["name"] = stage["name"] or f"stage{i}"
@@ -242,6 +299,12 @@ def _resolve_stages(registry, stages: Any) -> list[dict]:
         stage["schedule"] = validate_options(SCHEDULE, stage["schedule"], f"{key}.schedule")
         objective = _plugin(registry, "objective", stage["objective"], f"{key}.objective")
         stage["options"] = validate_options(objective.options, stage["options"], f"{key}.options")
+        stage["teacher"] = _resolve_teacher(registry, objective, stage["teacher"], f"{key}.teacher", check_files,
+                                            source)
+        if (previous is not None and previous["objective"] == stage["objective"]
+                and previous["teacher"] != stage["teacher"]):
+            raise RecipeError(f"{key}.teacher", f"cannot change while the {stage['objective']!r} objective carries "
+                                                "over from the previous stage (its heads are fitted to the teacher)")
         if stage["batch_size"] % stage["grad_accum"]:
             raise RecipeError(f"{key}.grad_accum", f"must divide batch_size {stage['batch_size']}")
         resolved.append(stage)
@@ -292,7 +355,7 @@ def resolve(raw: dict, registry, source: str | None = None, check_files: bool = 
         for name in ("mean", "std"):
             if data[name] is not None and backbone["in_chans"] and len(data[name]) != backbone["in_chans"]:
                 raise RecipeError(f"data.{name}", f"expected {backbone['in_chans']} values (backbone.in_chans)")
-        recipe["stages"] = _resolve_stages(registry, raw.get("stages"))
+        recipe["stages"] = _resolve_stages(registry, raw.get("stages"), check_files, source)
         recipe["eval"] = _resolve_evals(registry, raw.get("eval"))
         if any(e["use_ema"] for e in recipe["eval"]) and not recipe["stages"][-1]["ema_momentum"]:
             i = next(i for i, e in enumerate(recipe["eval"]) if e["use_ema"])
@@ -362,7 +425,7 @@ def to_toml(recipe: Recipe | dict) -> str:
     def table(header: str, body: dict) -> None:
         lines.append(header)
         for k, v in body.items():
-            if v is not None and not (isinstance(v, dict) and k in ("optimizer", "schedule", "options")):
+            if v is not None and not (isinstance(v, dict) and k in ("optimizer", "schedule", "options", "teacher")):
                 lines.append(f"{k} = {value(v)}")
         lines.append("")
 
@@ -374,8 +437,9 @@ def to_toml(recipe: Recipe | dict) -> str:
             table(f"[{section}]", recipe[section])
     for stage in recipe["stages"]:
         table("[[stages]]", stage)
-        for sub in ("optimizer", "schedule", "options"):
-            table(f"[stages.{sub}]", stage[sub])
+        for sub in ("optimizer", "schedule", "options", "teacher"):
+            if stage.get(sub) is not None:
+                table(f"[stages.{sub}]", stage[sub])
     for evaluation in recipe["eval"]:
         table("[[eval]]", evaluation)
     return "\n".join(lines)
