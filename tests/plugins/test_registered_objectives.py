@@ -17,15 +17,32 @@ from sslbench.core.objective import DataInfo, Objective, StageContext
 from sslbench.core.options import validate_options
 from sslbench.core.registry import build_registry
 from sslbench.core.rng import KeyedRandom
+from sslbench.core.teacher import FrozenTeacher
 from sslbench.core.objective import Batch
 
 from ..conftest import assert_declared
 from .test_mim_refiner import images
 
-REGISTRY = build_registry()
+def _registry():
+    registry = build_registry()
+    if "mimco" not in registry.plugins:        # an install made before the mimco entry point existed
+        import sslbench_plugins.mimco
+
+        registry = build_registry(extra_modules={"mimco": sslbench_plugins.mimco})
+    return registry
+
+
+REGISTRY = _registry()
 OBJECTIVES = REGISTRY.names("objective")
 # 32 px in 4-px patches: 64 patch tokens, enough for every default mask ratio (MiCL keeps 10%: 3 per view).
 INFO = DataInfo(image_size=32, channels=1, mean=(0.5,), std=(0.5,), num_samples=64)
+
+
+def tiny_teacher() -> FrozenTeacher:
+    """A frozen teacher for objectives that declare ``needs_teacher``: another width than the student's (48), so a
+    head that forgets to map to the teacher's width fails; weights from the torch seed, as the student's."""
+    return FrozenTeacher(build_backbone("vit_tiny_patch16_224", img_size=INFO.image_size, patch_size=4, in_chans=1,
+                                        embed_dim=48, depth=2, num_heads=2, pos_embed="sincos"), "test")
 
 
 def build(name: str, seed: int = 0) -> Objective:
@@ -33,7 +50,9 @@ def build(name: str, seed: int = 0) -> Objective:
     torch.manual_seed(seed)
     backbone = build_backbone("vit_tiny_patch16_224", img_size=INFO.image_size, patch_size=4, in_chans=1,
                               embed_dim=32, depth=4, num_heads=2, pos_embed="sincos")
-    return factory(backbone, validate_options(factory.options, {}, "options"), StageContext(0, 4, 4, 1, 0, 0))
+    extra = {"teacher": tiny_teacher()} if factory.needs_teacher else {}
+    return factory(backbone, validate_options(factory.options, {}, "options"), StageContext(0, 4, 4, 1, 0, 0),
+                   **extra)
 
 
 def one_step(objective: Objective, step: int = 0) -> dict:
@@ -46,7 +65,7 @@ def one_step(objective: Objective, step: int = 0) -> dict:
 
 
 def test_the_seed_papers_objectives_are_registered():
-    assert {"mae", "mim_refiner", "mae_ct", "micl"} <= set(OBJECTIVES)
+    assert {"mae", "mim_refiner", "mae_ct", "micl", "conmim", "mimco"} <= set(OBJECTIVES)
 
 
 @pytest.mark.parametrize("name", OBJECTIVES)
