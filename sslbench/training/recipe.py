@@ -269,8 +269,11 @@ def _resolve_teacher(registry, objective, table: dict | None, key: str, check_fi
                                                           "the teacher file changed; restore it or update the pin")
         teacher["checkpoint_sha256"] = digest
     elif check_files:
-        raise RecipeError(f"{key}.checkpoint", missing_checkpoint(str(path), teacher["checkpoint_url"], source,
-                                                                  f"{key}.checkpoint"))
+        message = missing_checkpoint(str(path), teacher["checkpoint_url"], source, f"{key}.checkpoint")
+        if teacher["checkpoint_format"] in ("sslbench", "sslbench_ema"):
+            message = message.replace("; set ", "; an sslbench run writes its checkpoints/backbone.pt when it ends: "
+                                                "run the teacher's recipe first, or set ", 1)
+        raise RecipeError(f"{key}.checkpoint", message)
     return teacher
 
 
