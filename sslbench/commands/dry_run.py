@@ -141,10 +141,11 @@ def _dry_run(recipe: Recipe, registry, path: str, start: float) -> None:
               f"{len(trainer.optimizer.param_groups)} param groups; loss {records[-1]['loss']:.4f}; "
               f"{time.perf_counter() - began:.1f} s")
         if stage.teacher is not None and not carried:
-            present = Path(stage.teacher.checkpoint).is_file()
-            print(f"    teacher {stage.teacher.model}: {_millions(sum(p.numel() for p in objective.teacher.network.parameters()))} "
-                  f"parameters, frozen; checkpoint {stage.teacher.checkpoint} (format {stage.teacher.checkpoint_format})"
-                  f": {'loaded' if present else 'not on this machine, weights random'}")
+            teacher = stage.teacher
+            size = _millions(sum(p.numel() for p in objective.teacher.network.parameters()))
+            loaded = "loaded" if Path(teacher.checkpoint).is_file() else "not on this machine, weights random"
+            print(f"    teacher {teacher.model}: {size} parameters, frozen; checkpoint {teacher.checkpoint} "
+                  f"(format {teacher.checkpoint_format}): {loaded}")
         trainer = None
     for e, evaluator in zip(recipe.eval, context.evaluators):
         print(f"Evaluate {e.name}{' (EMA)' if e.use_ema else ''}: built, "

@@ -94,7 +94,8 @@ class Objective(nn.Module):
     fixed_options: ClassVar[tuple[str, ...]] = ()
     needs_teacher: ClassVar[bool] = False
 
-    def __init__(self, backbone: nn.Module, opts: dict[str, Any], context: StageContext, teacher: nn.Module | None = None):
+    def __init__(self, backbone: nn.Module, opts: dict[str, Any], context: StageContext,
+                 teacher: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.opts = dict(opts)

@@ -14,27 +14,21 @@ leaderboard rows are comparable only when their protocol hashes match.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from sslbench.core.errors import RecipeError, UserError
 from sslbench.core.evaluator import FEATURE_OPTIONS
 from sslbench.core.options import Option, validate_options
+from sslbench.training.recipe_toml import load_toml, to_toml
 from sslbench.training.spec import COSMETIC, COSMETIC_SECTIONS, Recipe, canonical_hash, hashed_form, protocol_hash, recipe_hash
 
 # The hashes live with the typed recipe; they are part of this module's API too.
 __all__ = ["resolve", "load_recipe", "load_toml", "to_toml", "check_run_name", "Recipe", "COSMETIC",
            "COSMETIC_SECTIONS", "canonical_hash",
            "hashed_form", "recipe_hash", "protocol_hash"]
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 RUN = {
     "name": Option(None, str, "run name: one folder name (letters, digits, _ . + = -); the run folder is "
@@ -198,22 +192,6 @@ def missing_checkpoint(path: str, url: str | None, recipe: str | None = None, ke
     return (f"file not found: {path} (from {Path.cwd()}); {get}. Without the file, `sslbench check {recipe} "
             f"--allow-missing-files` validates the rest and `sslbench run {recipe} --dry-run` takes one step on "
             "random weights")
-
-
-def load_toml(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not a UTF-8 text file (byte {exc.start}); a recipe is TOML, which is UTF-8") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML: {' '.join(str(exc).split())}") from None
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -403,46 +381,3 @@ def load_recipe(path: str | os.PathLike, registry=None, check_files: bool = True
         where = f"{path} with " + " ".join(o.text for o in touching) if touching else str(path)
         raise exc.with_source(where) from None
     return recipe.with_overrides(tuple(o.text for o in parsed)) if parsed else recipe
-
-
-def to_toml(recipe: Recipe | dict) -> str:
-    """Write a resolved recipe back as TOML (None values are left out: TOML has no null); a recipe that came with
-    command-line overrides says so in a comment at the top."""
-    overrides = recipe.overrides if isinstance(recipe, Recipe) else ()
-    recipe = recipe.as_dict() if isinstance(recipe, Recipe) else recipe
-    lines: list[str] = []
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items() if x is not None) + " }"
-        raise TypeError(type(v))
-
-    def table(header: str, body: dict) -> None:
-        lines.append(header)
-        for k, v in body.items():
-            if v is not None and not (isinstance(v, dict) and k in ("optimizer", "schedule", "options", "teacher")):
-                lines.append(f"{k} = {value(v)}")
-        lines.append("")
-
-    if overrides:
-        lines += ["# resolved by sslbench from the recipe file with these command-line overrides:",
-                  "#   " + " ".join(overrides), ""]
-    for section in ("run", "backbone", "data", "monitor"):
-        if section in recipe:
-            table(f"[{section}]", recipe[section])
-    for stage in recipe["stages"]:
-        table("[[stages]]", stage)
-        for sub in ("optimizer", "schedule", "options", "teacher"):
-            if stage.get(sub) is not None:
-                table(f"[stages.{sub}]", stage[sub])
-    for evaluation in recipe["eval"]:
-        table("[[eval]]", evaluation)
-    return "\n".join(lines)
