@@ -48,8 +48,8 @@ def stage(objective: str, batch_size: int, steps: int) -> dict:
                    "options": {"pooling": "cls", "proj_hidden": 1024, "proj_out": 128, "pred_hidden": 1024,
                                "queue_size": 8192, "temperature": 0.15, "topk": 20, "target_momentum": 0.99}},
         "conmim": {"clip_grad": 1.0, "optimizer": {"lr": 5e-4, "betas": [0.9, 0.98], "weight_decay": 0.05},
-                   "options": {"mask_ratio": 0.75, "mask_unit_px": 7, "temperature": 0.1, "proj_hidden": 1024,
-                               "proj_out": 256, "momentum": 0.996}},
+                   "options": {"mask_mode": "random_units", "mask_ratio": 0.75, "mask_unit_px": 7,
+                               "temperature": 0.1, "proj_hidden": 1024, "proj_out": 256, "momentum": 0.996}},
         "micl": {"optimizer": {"lr": 5e-4, **ADAMW},
                  "options": {"mask_ratio": 0.5, "temperature": 0.07, "kappa": 0.015625}},
     }

@@ -1,10 +1,10 @@
 """ConMIM — masked image modelling with denoised contrast (Yi et al., ICLR 2023, arXiv 2205.09616).
 
 One random-resized crop (0.08, 1) + flip is shared by two branches, so patch i shows the same region in both. The
-student sees the plain crop with ``mask_ratio`` of its patches replaced by a learned mask token (block-wise masks
-in ``mask_unit_px``-pixel cells: 32 px, a 7×7 grid at 224 px); the teacher sees the same crop with strong
-photometric augmentation (jitter p 0.8, grey 0.2, blur 0.1, solarise 0.2) and no mask. Both branches project every
-token with a bias-free 3-layer MLP ending in BN without affine (CLS included in the BN statistics, dropped after).
+student sees the plain crop with some of its patches replaced by a learned mask token; the teacher sees the same
+crop with strong photometric augmentation (jitter p 0.8, grey 0.2, blur 0.1, solarise 0.2) and no mask. Both
+branches project every token with a bias-free 3-layer MLP ending in BN without affine (CLS included in the BN
+statistics, dropped after).
 Loss: for every masked position of an image, the student's patch feature must pick out the teacher's feature at
 the same position among all patches of the *same* image (τ 0.1; no cross-image negatives,
 :func:`sslbench.core.losses.patch_contrast_loss`).
@@ -12,15 +12,25 @@ the same position among all patches of the *same* image (τ 0.1; no cross-image 
 The teacher is an EMA copy of student backbone + projector — parameters only, BN statistics its own — kept in train
 mode, with momentum following a cosine schedule from ``momentum`` (0.996) to 1 over the stage's steps.
 
+Masks: the official code's two modes (TencentARC/ConMIM, ``--mask_type``), each mask drawn from its own sample's
+keyed stream, so it depends only on (seed, step, sample) — not on the number of processes or micro-batches.
+
+* ``mask_mode = "block"`` — the official default: BEiT's block-wise generator on the patch grid, ``mask_patches``
+  (75 of 196 at 224 px, patch 16) in blocks of at least ``mask_min_block`` (16) patches; like the original a
+  mask may stop a few patches short (:func:`sslbench.core.masks.block_mask`).
+* ``mask_mode = "random_units"`` — ``random_mps32``, the official ViT-L recipe: ``ceil(mask_ratio · units)``
+  square units of ``mask_unit_px`` pixels drawn uniformly (32 px, 0.75: 37 of the 49 units, 148 of 196
+  patches; :func:`sslbench.core.masks.random_unit_mask`).
+
     [[stages]]
     objective = "conmim"
     [stages.options]
+    mask_mode = "random_units"
     mask_ratio = 0.75
+    mask_unit_px = 32
     temperature = 0.1
 
 Deviation: the paper's ViT is BEiT-style (relative position bias, layer scale); on timm ViTs it is the plain ViT.
-The block-wise masks of a batch come from one generator seeded by the step's keyed random streams, so they
-depend only on (seed, step, samples).
 """
 
 from __future__ import annotations
@@ -30,7 +40,9 @@ from torch import nn
 
 import sslbench
 from sslbench.core.losses import patch_contrast_loss
-from sslbench.core.masks import ReplaceMask, blockwise_mask
+from sslbench.core.errors import UserError
+from sslbench.core.masks import (ReplaceMask, block_mask, keyed_seeds, mask_unit_patches, random_unit_mask,
+                                 unit_mask_count)
 from sslbench.core.modules import EMA, convert_sync_batchnorm, cosine_momentum, mlp
 from sslbench.core.objective import DataInfo, Objective
 from sslbench.core.options import Option
@@ -55,8 +67,16 @@ class ConMIM(Objective):
     description = "ConMIM: intra-image inter-patch contrast of masked student tokens against an EMA teacher " \
                   "(Yi et al. 2023)"
     options = {
-        "mask_ratio": Option(0.75, float, "fraction of patch tokens replaced by the mask token", min=0, max=1),
-        "mask_unit_px": Option(32, int, "side of a block-mask cell in pixels (rounded to whole patches)", min=1),
+        "mask_mode": Option("block", str, "how masks are drawn: BEiT block-wise on the patch grid (the official "
+                            "default) or uniformly random square units (random_mps32, the official ViT-L recipe)",
+                            choices=("block", "random_units")),
+        "mask_patches": Option(75, int, "block: patches masked per image, at most (official 75 of 196 at 224 px, "
+                               "patch 16)", min=1),
+        "mask_min_block": Option(16, int, "block: smallest block in patches (official 16)", min=1),
+        "mask_ratio": Option(0.75, float, "random_units: fraction of the units masked, rounded up (official 0.75: "
+                             "37 of 49 units)", min=0, max=1),
+        "mask_unit_px": Option(32, int, "random_units: side of a unit in pixels, rounded to whole patches, must tile "
+                               "the patch grid (official 32: 2x2 patches at patch 16)", min=1),
         "temperature": Option(0.1, float, "τ of the patch contrast", min=0, min_exclusive=True),
         "proj_hidden": Option(4096, int, "projector hidden width", min=1),
         "proj_out": Option(256, int, "projector output width", min=1),
@@ -69,11 +89,7 @@ class ConMIM(Objective):
 
     def __init__(self, backbone, opts, context):
         super().__init__(backbone, opts, context)
-        masked = round(opts["mask_ratio"] * backbone.num_patches)
-        if not 1 <= masked < backbone.num_patches:
-            raise self.option_error("mask_ratio", f"{opts['mask_ratio']} masks {masked} of the "
-                                                  f"{backbone.num_patches} patches; the loss needs at least one "
-                                                  "masked and one visible patch")
+        self._check_masks()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.projector = convert_sync_batchnorm(conmim_projector(backbone.embed_dim, opts["proj_hidden"],
@@ -94,13 +110,39 @@ class ConMIM(Objective):
     def views(self, data: DataInfo):
         return conmim_views(data.image_size, data.mean, data.std, tuple(self.opts["crop_scale"]), self.opts["flip"])
 
-    def mask(self, batch_size: int, batch: dict, device: torch.device) -> torch.Tensor:
-        """(B, N) block-wise mask, from a generator seeded by the step's keyed streams."""
-        seed = int(batch.rng.randint(1 << 24, 1).sum())
-        unit = max(1, round(self.opts["mask_unit_px"] / self.backbone.patch_size))
-        grid_h, grid_w = self.backbone.grid_size
-        return blockwise_mask(batch_size, grid_h, grid_w, self.opts["mask_ratio"], unit,
-                              torch.Generator().manual_seed(seed), device)
+    def start_stage(self, opts, context) -> None:
+        super().start_stage(opts, context)
+        self._check_masks()                        # the next stage may mask differently
+
+    def _check_masks(self) -> None:
+        """Refuse mask settings that do not fit the patch grid, or leave no masked or no visible patch."""
+        grid, patches = tuple(self.backbone.grid_size), self.backbone.num_patches
+        where = f"of the {grid[0]}x{grid[1]} patch grid"
+        if self.opts["mask_mode"] == "block":
+            if self.opts["mask_patches"] >= patches:
+                raise self.option_error("mask_patches", f"{self.opts['mask_patches']} masks every patch {where}; "
+                                                        f"expected fewer than {patches} (the official 75 is for "
+                                                        "196 patches: 224 px, patch 16)")
+            return
+        try:
+            self.unit = mask_unit_patches(self.opts["mask_unit_px"], self.backbone.patch_size, grid)
+        except UserError as error:
+            raise self.option_error("mask_unit_px", str(error)) from None
+        self.units = (grid[0] // self.unit) * (grid[1] // self.unit)
+        self.unit_count = unit_mask_count(self.units, self.opts["mask_ratio"])
+        if not 1 <= self.unit_count < self.units:
+            raise self.option_error("mask_ratio", f"{self.opts['mask_ratio']} masks {self.unit_count} of the "
+                                                  f"{self.units} units {where}; the loss needs at least one masked "
+                                                  "and one visible unit")
+
+    def mask(self, batch) -> torch.Tensor:
+        """(B, N) bool, True = replaced by the mask token; each row from its own sample's keyed stream."""
+        grid = tuple(self.backbone.grid_size)
+        if self.opts["mask_mode"] == "random_units":
+            return random_unit_mask(batch.rng.rand(self.units), grid, self.unit, self.unit_count)
+        # BEiT's placement is sequential Python: one small host copy of the per-sample seeds
+        seeds = keyed_seeds(batch.rng.rand(2))
+        return block_mask(seeds, grid, self.opts["mask_patches"], self.opts["mask_min_block"])
 
     def project_patches(self, tokens: torch.Tensor, projector: nn.Module) -> torch.Tensor:
         """Project every token (B, 1 + N, D) → (B, N, out): CLS joins the BN statistics and is dropped after."""
@@ -111,7 +153,7 @@ class ConMIM(Objective):
         if len(views) != 2:
             raise ValueError(f"ConMIM takes 2 views (student, teacher), got {len(views)}")
         student_view, teacher_view = views
-        masked = self.mask(student_view.shape[0], batch, student_view.device)
+        masked = self.mask(batch).to(student_view.device)
         tokens = self.backbone(student_view, mask=ReplaceMask(masked, self.mask_token)).tokens
         student = self.project_patches(tokens, self.projector)
         with torch.no_grad():

@@ -7,6 +7,10 @@ cached block outputs and names the rows.
 Feature variants are DINOv2's (``n_last_blocks`` × ``avgpool``): the CLS tokens of the last 1 or 4 blocks,
 concatenated, optionally followed by the mean of the last block's patch tokens. Variant names read ``last4+mean``.
 A backbone with fewer blocks than asked uses all it has (``last4`` of a 2-block ViT is its 2 CLS tokens).
+``pool = "mean_fc_norm"`` appends the patch mean through a LayerNorm instead (the checkpoint's ``fc_norm`` if it
+has one: data2vec 2.0's feature, ``last4+mean_fc_norm``), and ``n_last_blocks = 0`` leaves the CLS tokens out —
+``n_last_blocks = [0]``, ``avgpool = [true]``, ``pool = "mean_fc_norm"`` is data2vec 2.0's own linear probe
+(variant ``mean_fc_norm``). A combination with neither CLS tokens nor a mean (0 blocks, no avgpool) is skipped.
 
 Rows (``selection_split`` of every row names the held-out split that chose the head; the test set never does):
 
@@ -37,18 +41,24 @@ from sslbench.core.evaluator import FeatureRequest
 from sslbench.core.options import Option
 
 
-def variant_name(n_blocks: int, avgpool: bool) -> str:
-    return f"last{n_blocks}" + ("+mean" if avgpool else "")
+def variant_name(n_blocks: int, avgpool: bool, pool: str = "mean") -> str:
+    """``last4+mean``; ``last1``; ``mean_fc_norm`` (no CLS tokens)."""
+    if n_blocks == 0:
+        return pool
+    return f"last{n_blocks}" + (f"+{pool}" if avgpool else "")
 
 
 class LinearProbe(Evaluator):
     name = "linear_probe"
     description = "linear heads on frozen features, lr × feature-variant sweep, chosen on a held-out part of train"
     options = {
-        "n_last_blocks": Option([1, 4], list, "feature variants: CLS tokens of the last n blocks, concatenated",
-                                item_type=int, min=1),
+        "n_last_blocks": Option([1, 4], list, "feature variants: CLS tokens of the last n blocks, concatenated "
+                                "(0: none, the pooled patch feature alone)", item_type=int, min=0),
         "avgpool": Option([False, True], list, "feature variants: without / with the mean of the last block's "
                           "patch tokens appended", item_type=bool),
+        "pool": Option("mean", str, "what avgpool appends: the patch mean (DINOv2) or the patch mean through a "
+                       "LayerNorm (data2vec 2.0; the checkpoint's fc_norm if it has one)",
+                       choices=("mean", "mean_fc_norm"), omit_default=True),
         "norm": Option("normed", str, "tokens after the final norm (DINOv2) or the raw residual stream",
                        choices=("normed", "raw")),
         "lrs": Option(list(DINOV2_LRS), list, "learning rates (DINOv2's 13-value grid), × batch_size/256 when "
@@ -64,7 +74,8 @@ class LinearProbe(Evaluator):
     }
 
     def _variants(self) -> list[tuple[int, bool]]:
-        return list(dict.fromkeys(itertools.product(self.opts["n_last_blocks"], self.opts["avgpool"])))
+        pairs = itertools.product(self.opts["n_last_blocks"], self.opts["avgpool"])
+        return list(dict.fromkeys((n, avgpool) for n, avgpool in pairs if n > 0 or avgpool))
 
     def check_data(self, train, test):
         from sslbench.core.errors import UserError
@@ -77,17 +88,18 @@ class LinearProbe(Evaluator):
 
     def layout(self, depth: int) -> dict[str, list[FeatureRequest]]:
         """Each feature variant's name and the requests it concatenates, for a backbone of ``depth`` blocks."""
-        norm = self.opts["norm"]
+        norm, pool = self.opts["norm"], self.opts["pool"]
         layout: dict[str, list[FeatureRequest]] = {}
         for n_blocks, avgpool in self._variants():
             parts = [FeatureRequest(b, "cls", norm) for b in range(max(0, depth - n_blocks), depth)]
             if avgpool:
-                parts.append(FeatureRequest(depth - 1, "mean", norm))
-            layout[variant_name(n_blocks, avgpool)] = parts
+                parts.append(FeatureRequest(depth - 1, pool, norm))
+            layout[variant_name(n_blocks, avgpool, pool)] = parts
         if not layout:
             from sslbench.core.errors import UserError
 
-            raise UserError("linear_probe: n_last_blocks and avgpool must each list at least one value")
+            raise UserError("linear_probe: n_last_blocks and avgpool give no feature variant (each must list at "
+                            "least one value; n_last_blocks = 0 needs avgpool = true)")
         return layout
 
     def requests(self, depth):

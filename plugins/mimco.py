@@ -5,7 +5,7 @@ is documented here and in docs/methods.md.
 A pre-trained contrastive model (the paper: MoCo v3 ViT-S) is a **frozen teacher**, declared in the recipe's
 ``[stages.teacher]`` and built by the trainer (:class:`sslbench.core.teacher.FrozenTeacher`). One random-resized
 crop + flip is seen twice: the student gets it with ``mask_ratio`` of its patches replaced by a learned mask token
-(block-wise masks as ConMIM's, or uniform), the teacher gets it unmasked. Two light heads map the student's final
+(ConMIM's official mask generators), the teacher gets it unmasked. Two light heads map the student's final
 patch tokens and CLS to the teacher's width. The loss is
 
 * **patch level** — InfoNCE: the student's prediction at each masked position must pick out the teacher's patch
@@ -29,9 +29,11 @@ patch tokens and CLS to the teacher's width. The loss is
     checkpoint_format = "mocov3"
 
 Unverified defaults (the paper gives no code): linear heads (``head_hidden = 0``), the teacher's final-norm tokens as
-targets, block-wise masks in 32-px cells (ConMIM's, ``mask = "block"``), crops (0.08, 1) + flip, one direction of
-each InfoNCE (student queries, teacher keys). Masks are drawn per sample from ``batch.rng``, so they depend only on
-(seed, step, sample) — 1 or N processes and any accumulation draw the same masks.
+targets, masks of ratio 0.75 in uniformly drawn 32-px units (ConMIM's ``random_mps32``, its ViT-L recipe: 37 of the
+49 units, 148 of 196 patches; ``mask_mode = "block"`` gives BEiT blocks on the patch grid instead), crops (0.08, 1)
++ flip, one direction of each InfoNCE (student queries, teacher keys). Masks are drawn per sample from
+``batch.rng`` (:mod:`sslbench.core.masks`), so they depend only on (seed, step, sample) — 1 or N processes and any
+accumulation draw the same masks.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from torch import nn
 import sslbench
 from sslbench.core import distributed
 from sslbench.core.losses import mimco_image_loss, mimco_patch_loss
-from sslbench.core.masks import ReplaceMask, blockwise_mask, drop_mask_from_noise
+from sslbench.core.errors import UserError
+from sslbench.core.masks import (ReplaceMask, block_mask, keyed_seeds, mask_unit_patches, random_unit_mask,
+                                 unit_mask_count)
 from sslbench.core.modules import mlp
 from sslbench.core.objective import DataInfo, Objective
 from sslbench.core.options import Option
@@ -55,20 +59,13 @@ def mimco_head(in_dim: int, out_dim: int, hidden: int = 0) -> nn.Sequential:
     return mlp(dims, act=nn.GELU, bias=True, batchnorm=False, last_bn=False)
 
 
-def keyed_masks(rng, grid: tuple[int, int], ratio: float, kind: str, unit: int) -> torch.Tensor:
-    """(B, N) bool masks, one per sample from that sample's keyed stream, exactly the same count in every row.
-
-    ``"block"``: BEiT-style blocks on a grid of ``unit x unit``-patch cells (:func:`blockwise_mask`, ConMIM's),
-    from a generator seeded by two 24-bit draws of the sample's stream. ``"random"``: uniform patches
-    (:func:`drop_mask_from_noise` of the stream's noise).
-    """
-    grid_h, grid_w = grid
-    if kind == "random":
-        return drop_mask_from_noise(rng.rand(grid_h * grid_w), ratio)[1]
-    words = rng.randint(1 << 24, 2).cpu().tolist()
-    rows = [blockwise_mask(1, grid_h, grid_w, ratio, unit, torch.Generator().manual_seed((hi << 24) | lo))
-            for hi, lo in words]
-    return torch.cat(rows).to(rng.device)
+def gather_keys(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's rows of ``local`` in rank order, and where this process's start: a block mask may stop
+    short, so processes may hold different numbers of masked positions."""
+    if not distributed.is_distributed():
+        return local, 0
+    counts = distributed.gather(torch.tensor([len(local)], device=local.device))
+    return distributed.gather(local), int(counts[:distributed.rank()].sum())
 
 
 class MimCo(Objective):
@@ -77,10 +74,14 @@ class MimCo(Objective):
                   "(Zhou et al. 2022)"
     needs_teacher = True
     options = {
-        "mask_ratio": Option(0.75, float, "fraction of patch tokens replaced by the mask token", min=0, max=1),
-        "mask": Option("block", str, "mask shape: block (BEiT-style blocks in mask_unit_px cells, as ConMIM) or "
-                                     "random (uniform patches)", choices=("block", "random")),
-        "mask_unit_px": Option(32, int, "side of a block-mask cell in pixels (rounded to whole patches)", min=1),
+        "mask_mode": Option("random_units", str, "ConMIM's mask generators: random_units (whole square units drawn "
+                                                 "uniformly, ConMIM's random_mps32) or block (BEiT blocks on the "
+                                                 "patch grid)", choices=("random_units", "block")),
+        "mask_ratio": Option(0.75, float, "random_units: fraction of the units masked, rounded up; block: of the "
+                                          "patches, rounded (at most: a block mask may stop short)", min=0, max=1),
+        "mask_unit_px": Option(32, int, "random_units: side of a unit in pixels, rounded to whole patches, must "
+                                        "tile the patch grid", min=1),
+        "mask_min_block": Option(16, int, "block: smallest block in patches (BEiT's and ConMIM's 16)", min=1),
         "temperature": Option(0.2, float, "τ of both InfoNCE losses", min=0, min_exclusive=True),
         "patch_weight": Option(1.0, float, "weight of the patch-level loss", min=0),
         "image_weight": Option(1.0, float, "weight of the image-level (CLS) loss", min=0),
@@ -100,11 +101,7 @@ class MimCo(Objective):
             raise sslbench.RecipeError(f"stages[{stage}].teacher.patch_size",
                                        f"the teacher's patches ({self.teacher.patch_size} px) must be the student's "
                                        f"({backbone.patch_size} px): the patch loss pairs the same positions")
-        masked = round(opts["mask_ratio"] * backbone.num_patches)
-        if not 1 <= masked < backbone.num_patches:
-            raise self.option_error("mask_ratio", f"{opts['mask_ratio']} masks {masked} of the "
-                                                  f"{backbone.num_patches} patches; the loss needs at least one "
-                                                  "masked and one visible patch")
+        self._check_masks()
         if opts["patch_weight"] == 0 and opts["image_weight"] == 0:
             raise self.option_error("image_weight", "patch_weight and image_weight are both 0: nothing to learn")
         self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
@@ -116,9 +113,37 @@ class MimCo(Objective):
         crop = crop_flip(data.image_size, tuple(self.opts["crop_scale"]), self.opts["flip"])
         return IndependentCrops(1, Compose([*crop, Normalize(data.mean, data.std)]))
 
+    def _check_masks(self) -> None:
+        """Refuse mask settings that do not fit the patch grid, or leave no masked or no visible patch."""
+        grid, patches = tuple(self.backbone.grid_size), self.backbone.num_patches
+        if self.opts["mask_mode"] == "block":
+            self.count = round(self.opts["mask_ratio"] * patches)
+            if not 1 <= self.count < patches:
+                raise self.option_error("mask_ratio", f"{self.opts['mask_ratio']} masks {self.count} of the "
+                                                      f"{patches} patches; the loss needs at least one masked and "
+                                                      "one visible patch")
+            if self.opts["mask_min_block"] > self.count:
+                raise self.option_error("mask_min_block", f"{self.opts['mask_min_block']} is more than the "
+                                                          f"{self.count} patches a mask holds")
+            return
+        try:
+            self.unit = mask_unit_patches(self.opts["mask_unit_px"], self.backbone.patch_size, grid)
+        except UserError as error:
+            raise self.option_error("mask_unit_px", str(error)) from None
+        self.units = (grid[0] // self.unit) * (grid[1] // self.unit)
+        self.count = unit_mask_count(self.units, self.opts["mask_ratio"])
+        if not 1 <= self.count < self.units:
+            raise self.option_error("mask_ratio", f"{self.opts['mask_ratio']} masks {self.count} of the "
+                                                  f"{self.units} units of the {grid[0]}x{grid[1]} patch grid; the "
+                                                  "loss needs at least one masked and one visible unit")
+
     def mask(self, batch) -> torch.Tensor:
-        unit = max(1, round(self.opts["mask_unit_px"] / self.backbone.patch_size))
-        return keyed_masks(batch.rng, self.backbone.grid_size, self.opts["mask_ratio"], self.opts["mask"], unit)
+        """(B, N) bool, True = replaced by the mask token; each row from its own sample's keyed stream."""
+        grid = tuple(self.backbone.grid_size)
+        if self.opts["mask_mode"] == "random_units":
+            return random_unit_mask(batch.rng.rand(self.units), grid, self.unit, self.count)
+        seeds = keyed_seeds(batch.rng.rand(2))          # BEiT's placement is sequential Python, seeded per sample
+        return block_mask(seeds, grid, self.count, self.opts["mask_min_block"]).to(batch.rng.device)
 
     def forward(self, views, batch):
         if len(views) != 1:
@@ -132,15 +157,14 @@ class MimCo(Objective):
         target = self.teacher(view).tokens                  # no gradient, eval mode, the run's autocast
         teacher_patches = target[:, self.teacher.num_prefix_tokens:]
         teacher_cls = target[:, 0]
-        logs = {"masked_fraction": float(masked.float().mean())}
+        logs = {"masked_fraction": masked.float().mean()}
         loss = 0.0
         if self.opts["patch_weight"] > 0:
-            keys = None
+            keys, offset = None, 0
             if self.opts["patch_negatives"] == "batch":
-                # every row masks the same number of patches, so each process contributes equally many keys
-                keys = distributed.gather(teacher_patches[masked])
+                keys, offset = gather_keys(teacher_patches[masked])
             patch = mimco_patch_loss(student_patches, teacher_patches, masked, self.opts["temperature"],
-                                     self.opts["patch_negatives"], keys=keys)
+                                     self.opts["patch_negatives"], keys=keys, key_offset=offset)
             loss = loss + self.opts["patch_weight"] * patch
             logs["patch_loss"] = patch.detach()
         if self.opts["image_weight"] > 0:

@@ -1,5 +1,8 @@
 """Layer-wise k-NN probe: k-NN accuracy of the CLS token of every block, raw and after the final norm.
 
+``token`` pools every block another way (``mean``, or ``mean_fc_norm``: the patch mean through a LayerNorm, data2vec
+2.0's feature); its rows then carry a ``token`` field (variant ``k=<k>,block=<i>,<stream>,<token>[,std]``).
+
 The curve behind MIM-Refiner (Alkin et al. 2024, figure 1): a MIM model's representation peaks in an intermediate
 block, a refined one at the end. The math is :func:`sslbench.evaluation.per_block` (DINO k-NN per block).
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import sslbench
 from sslbench.core.errors import UserError
-from sslbench.core.evaluator import Evaluator, MetricValue, PerSample
+from sslbench.core.evaluator import TOKENS, Evaluator, MetricValue, PerSample
 from sslbench.evaluation import per_block
 from sslbench.evaluation.knn import correct_in_top
 from sslbench.core.evaluator import FeatureRequest
@@ -37,6 +40,8 @@ class PerBlock(Evaluator):
                        choices=("both", "raw", "normed")),
         "blocks": Option([], list, "blocks to probe (0-based, negatives from the end); empty: every block",
                          item_type=int),
+        "token": Option("cls", str, "which token(s) of every block: CLS, the patch mean, both, or the patch mean "
+                        "through a LayerNorm (mean_fc_norm)", choices=TOKENS, omit_default=True),
     }
 
     def requests(self, depth):
@@ -45,7 +50,8 @@ class PerBlock(Evaluator):
         outside = [b for b in blocks if not -depth <= b < depth]
         if outside:
             raise UserError(f"blocks: {outside} outside -{depth}..{depth - 1} for a backbone with {depth} blocks")
-        return [FeatureRequest(b, "cls", norm) for norm in norms for b in sorted({b % depth for b in blocks})]
+        token = self.opts["token"]
+        return [FeatureRequest(b, token, norm) for norm in norms for b in sorted({b % depth for b in blocks})]
 
     def check_data(self, train, test):
         if max(self.opts["k"]) > train.num_samples:
@@ -57,6 +63,8 @@ class PerBlock(Evaluator):
         layout: dict[str, dict[int, FeatureRequest]] = {}
         for request in requests:                            # {norm: {block: request}}, in the requests' order
             layout.setdefault(request.norm, {})[request.block] = request
+        # the token is named in the rows only when it is not the CLS, so the CLS rows keep their variants
+        token = {} if o["token"] == "cls" else {"token": o["token"]}
         rows = []
         for norm, by_block in layout.items():
             scores, rankings = per_block({b: train.features[r] for b, r in by_block.items()}, train.labels,
@@ -68,7 +76,7 @@ class PerBlock(Evaluator):
                 metric, _, k = name.partition("@k=")
                 block = int(block[len("block"):])
                 correct = correct_in_top(rankings[block][int(k)], test.labels, int(metric[len("top"):]))
-                rows.append(MetricValue(metric, value, {"k": int(k), "block": block, "stream": norm,
+                rows.append(MetricValue(metric, value, {"k": int(k), "block": block, "stream": norm, **token,
                                                         "std": o["standardize"]},
                                         per_sample=PerSample("mean", correct.numpy())))
         return rows

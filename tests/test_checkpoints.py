@@ -1,12 +1,11 @@
-from __future__ import annotations
+"""Checkpoint formats other than data2vec 2.0 (tests/test_checkpoints_data2vec2.py): timm, MAE, sslbench's own; load
+errors; the registry of built-in formats."""
 
-import argparse
-import math
+from __future__ import annotations
 
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from sslbench.core.backbone import build_backbone
@@ -78,92 +77,6 @@ def test_mae_format(tmp_path, images):
     assert torch.equal(backbone.vit.pos_embed, encoder["pos_embed"])
     with torch.no_grad():
         assert torch.allclose(backbone(images).tokens, ref.forward_features(images), atol=ATOL)
-
-
-def data2vec2_state(depth: int = 2, dim: int = 32, patch: int = 4, grid: int = 7) -> dict[str, torch.Tensor]:
-    """Random tensors in the fairseq data2vec 2.0 image-model key layout."""
-    g = torch.Generator().manual_seed(2)
-
-    def r(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    p = "modality_encoders.IMAGE."
-    state = {p + "local_encoder.proj.weight": r(dim, 1, patch, patch), p + "local_encoder.proj.bias": r(dim),
-             p + "extra_tokens": r(1, 1, dim, scale=1.0), p + "fixed_positional_encoder.positions": r(1, grid**2, dim),
-             p + "context_encoder.norm.weight": 1 + r(dim), p + "context_encoder.norm.bias": r(dim)}
-    for i in range(depth):
-        b = f"blocks.{i}."
-        state.update({b + "norm1.weight": 1 + r(dim), b + "norm1.bias": r(dim),
-                      b + "attn.qkv.weight": r(3 * dim, dim), b + "attn.qkv.bias": r(3 * dim),
-                      b + "attn.proj.weight": r(dim, dim), b + "attn.proj.bias": r(dim),
-                      b + "norm2.weight": 1 + r(dim), b + "norm2.bias": r(dim),
-                      b + "mlp.fc1.weight": r(4 * dim, dim), b + "mlp.fc1.bias": r(4 * dim),
-                      b + "mlp.fc2.weight": r(dim, 4 * dim), b + "mlp.fc2.bias": r(dim)})
-    return state
-
-
-def data2vec2_reference(s: dict[str, torch.Tensor], images: torch.Tensor, heads: int, eps: float = 1e-6):
-    """data2vec 2.0's image encoder written out from the fairseq tensors: post-norm blocks, no final norm."""
-    p = "modality_encoders.IMAGE."
-    w = s[p + "local_encoder.proj.weight"]
-    x = F.conv2d(images, w, s[p + "local_encoder.proj.bias"], stride=w.shape[-1]).flatten(2).transpose(1, 2)
-    x = x + s[p + "fixed_positional_encoder.positions"]
-    x = torch.cat([s[p + "extra_tokens"].expand(x.shape[0], -1, -1), x], dim=1)
-    dim = x.shape[-1]
-
-    def ln(t, name):
-        return F.layer_norm(t, (dim,), s[name + ".weight"], s[name + ".bias"], eps)
-
-    x = ln(x, p + "context_encoder.norm")
-    i = 0
-    while f"blocks.{i}.norm1.weight" in s:
-        b = f"blocks.{i}."
-        batch, tokens, _ = x.shape
-        qkv = F.linear(x, s[b + "attn.qkv.weight"], s[b + "attn.qkv.bias"])
-        q, k, v = qkv.reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dim // heads), dim=-1)
-        a = F.linear((attn @ v).transpose(1, 2).reshape(batch, tokens, dim), s[b + "attn.proj.weight"],
-                     s[b + "attn.proj.bias"])
-        x = ln(x + a, b + "norm1")
-        hidden = F.gelu(F.linear(x, s[b + "mlp.fc1.weight"], s[b + "mlp.fc1.bias"]))
-        x = ln(x + F.linear(hidden, s[b + "mlp.fc2.weight"], s[b + "mlp.fc2.bias"]), b + "norm2")
-        i += 1
-    return x
-
-
-@pytest.mark.parametrize("prefix", ["", "model."])
-def test_data2vec2_format(tmp_path, images, prefix):
-    state = data2vec2_state()
-    junk = {"modality_encoders.IMAGE.decoder.blocks.0.0.weight": torch.randn(4), "_ema": torch.randn(8),
-            "decoder.proj.weight": torch.randn(4, 4)}
-    leftover = {"modality_encoders.IMAGE.alibi_scale": torch.randn(1)}
-    torch.save({"model": {prefix + k: v for k, v in {**state, **junk, **leftover}.items()},
-                "cfg": {"model": {"depth": 2}}}, tmp_path / "d2v.pt")
-    backbone = fresh(**BUILTIN_FORMATS["data2vec2"].architecture)
-    report = load_checkpoint(backbone, tmp_path / "d2v.pt", "data2vec2")
-    assert report.unexpected == ["modality_encoders.IMAGE.alibi_scale"] and not report.missing
-    with torch.no_grad():
-        expected = data2vec2_reference(state, images, heads=2)
-        out = backbone(images, blocks=[0, 1], out="both")
-        assert torch.allclose(out.tokens, expected, atol=ATOL)
-        assert torch.allclose(out.raw[1], expected, atol=ATOL)  # no final norm: normed == raw
-
-
-def test_data2vec2_pickled_config_needs_permission(tmp_path, images):
-    state = data2vec2_state()
-    torch.save({"model": state, "cfg": argparse.Namespace(depth=2)}, tmp_path / "fairseq.pt")
-    backbone = fresh(**BUILTIN_FORMATS["data2vec2"].architecture)
-    with pytest.raises(UserError, match="fairseq.pt.*pickled.*argparse.Namespace"):
-        load_checkpoint(backbone, tmp_path / "fairseq.pt", "data2vec2")
-    load_checkpoint(backbone, tmp_path / "fairseq.pt", "data2vec2", allow_pickle=True)
-    with torch.no_grad():
-        assert torch.allclose(backbone(images).tokens, data2vec2_reference(state, images, 2), atol=ATOL)
-
-
-def test_data2vec2_needs_its_architecture(tmp_path):
-    torch.save({"model": data2vec2_state()}, tmp_path / "d2v.pt")
-    with pytest.raises(UserError, match="d2v.pt.*data2vec2.*backbone.block = 'post_norm'"):
-        load_checkpoint(fresh(), tmp_path / "d2v.pt", "data2vec2")
 
 
 def test_sslbench_format_round_trip(tmp_path, images):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sslbench.core.backbone import build_backbone
-from sslbench.core.checkpoints import _D2V_RENAMES, BUILTIN_FORMATS
+from sslbench.core.checkpoints import BUILTIN_FORMATS
+from sslbench.core.data2vec2 import RENAMES as _D2V_RENAMES
 from sslbench.cli import main
 from sslbench.core.errors import RecipeError
 from sslbench.core.registry import get_registry

@@ -66,11 +66,13 @@ def test_patch_loss_with_gathered_keys_equals_the_explicit_cross_entropy():
     student, teacher = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
     masked = torch.zeros(2, 5, dtype=torch.bool)
     masked[:, [1, 3]] = True
-    other = torch.randn(4, 4)                                   # rank 0's four masked teacher features
+    other = torch.randn(4, 4)                          # the lower ranks' four masked teacher features
     keys = torch.cat([other, teacher[masked]])
-    loss = mimco_patch_loss(student, teacher, masked, 0.2, keys=keys, rank=1)
+    loss = mimco_patch_loss(student, teacher, masked, 0.2, keys=keys, key_offset=4)
     logits = F.normalize(student[masked], dim=-1) @ F.normalize(keys, dim=-1).T / 0.2
     assert loss.item() == pytest.approx(F.cross_entropy(logits, torch.arange(4, 8)).item(), abs=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        mimco_patch_loss(student, teacher, masked, 0.2, keys=keys, key_offset=5)
     with pytest.raises(ValueError, match="no gathered keys"):
         mimco_patch_loss(student, teacher, masked, 0.2, "image", keys=keys)
     with pytest.raises(ValueError, match="no tokens"):

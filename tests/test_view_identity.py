@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sslbench.core.masks import blockwise_mask, drop_mask_from_noise, random_replace_mask, split_mask_from_noise
+from sslbench.core.masks import (block_mask, drop_mask_from_noise, keyed_seeds, random_replace_mask,
+                                 random_unit_mask, split_mask_from_noise)
 from sslbench.core.rng import KeyedRandom
 from sslbench.data.views import (
     ColorJitter, Compose, GaussianBlur, Grayscale, HorizontalFlip, IndependentCrops, MultiCrop, Normalize,
@@ -69,12 +70,13 @@ def masks(rng: KeyedRandom) -> dict[str, str]:
     """The objectives' masks, drawn after the views from the same streams (MAE, MiCL, ConMIM's order)."""
     keep, masked, restore = drop_mask_from_noise(rng.rand(16), 0.75)
     split = split_mask_from_noise(rng.rand(16), 0.5, 2)
-    seed = int(rng.randint(1 << 24, 1).sum())
-    block = blockwise_mask(8, 4, 4, 0.5, 2, generator=torch.Generator().manual_seed(seed))
-    replace = random_replace_mask(8, 16, 0.4, torch.Generator().manual_seed(seed))
+    seeds = keyed_seeds(rng.rand(2))                                     # ConMIM's block mode: a seed a sample
+    block = block_mask(seeds, (4, 4), 6, min_block=4)
+    units = random_unit_mask(rng.rand(4), (4, 4), 2, 3)                 # ConMIM's random_units mode
+    replace = random_replace_mask(8, 16, 0.4, torch.Generator().manual_seed(seeds[0]))
     return {"drop.keep": digest(keep.keep), "drop.masked": digest(masked), "drop.restore": digest(restore),
-            "split": digest(split.groups), "block": digest(block), "replace": digest(replace),
-            "after": digest(rng.rand(3))}
+            "split": digest(split.groups), "block": digest(block), "units": digest(units),
+            "replace": digest(replace), "after": digest(rng.rand(3))}
 
 
 def outputs() -> dict[str, str]:

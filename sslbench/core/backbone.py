@@ -119,6 +119,10 @@ class Backbone(nn.Module):
     Attributes: ``embed_dim``, ``depth``, ``num_heads``, ``num_patches``, ``grid_size`` (h, w),
     ``patch_size`` and ``img_size`` (pixels; square), ``in_chans``, ``num_prefix_tokens`` (1 = CLS, more with
     register tokens) and ``architecture`` (the build options that change the math, for checkpoint checks).
+
+    ``fc_norm``: the LayerNorm a classification model applies to its mean-pooled patch tokens (data2vec 2.0's
+    probe and fine-tuning feature), set by :func:`~sslbench.core.checkpoints.load_checkpoint` from a file that has
+    one, else ``None``. Only the ``mean_fc_norm`` evaluation feature uses it; it is never trained.
     """
 
     def __init__(self, vit: nn.Module, model: str = "", pos_embed: str = "learned"):
@@ -146,11 +150,19 @@ class Backbone(nn.Module):
             "final_norm": not isinstance(vit.norm, nn.Identity),
             "no_embed_class": bool(vit.no_embed_class),
         }
+        # a plain None until a checkpoint brings one, so a backbone without it has the same repr and state dict
+        # (and feature-cache keys) as before the attribute existed
+        self.fc_norm: nn.Module | None = None
 
     def fixed_parameters(self) -> set[str]:
         """Names (relative to this module) of parameters that are fixed by construction and never trained, whatever
-        a stage freezes or unfreezes: the 2-D sin-cos position table of ``pos_embed = "sincos"`` (MAE, MiCL)."""
-        return {"vit.pos_embed"} if self.architecture["pos_embed"] == "sincos" else set()
+        a stage freezes or unfreezes: the 2-D sin-cos position table of ``pos_embed = "sincos"`` (MAE, MiCL) and
+        a loaded pooling norm (``fc_norm``: no objective uses it, and an unused trainable parameter would stall
+        DistributedDataParallel)."""
+        fixed = {"vit.pos_embed"} if self.architecture["pos_embed"] == "sincos" else set()
+        if self.fc_norm is not None:
+            fixed |= {f"fc_norm.{name}" for name, _ in self.fc_norm.named_parameters()}
+        return fixed
 
     # --- stages -------------------------------------------------------------------------------------------
     def grid_of(self, images: Tensor) -> tuple[int, int]:

@@ -9,8 +9,9 @@ Built-in formats (:data:`BUILTIN_FORMATS`; registered through the plugin system 
 
 * ``timm`` — a timm state dict (optionally under ``state_dict`` or ``model``);
 * ``mae`` — the official MAE release (He et al. 2021): encoder keys under ``model`` already in timm names;
-* ``data2vec2`` — fairseq data2vec 2.0 image models (Baevski et al. 2022): post-norm blocks, a norm on the
-  embeddings, no final norm, position embeddings for patches only;
+* ``data2vec2`` — fairseq data2vec 2.0 image models (Baevski et al. 2022), every release layout (the ViT-B prenet,
+  fine-tuned files): post-norm blocks, a norm on the embeddings, no final norm, position embeddings for patches only
+  (:mod:`sslbench.core.data2vec2`);
 * ``sslbench`` / ``sslbench_ema`` — ``checkpoints/backbone.pt`` of an sslbench run (its encoder, or its EMA).
 
 This module does not import timm, so registering formats stays cheap.
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import Tensor
 
+from sslbench.core.data2vec2 import convert_data2vec2, describe_blocks
 from sslbench.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -41,6 +43,12 @@ log = logging.getLogger(__name__)
 STRUCTURAL_OPTIONS = ("block", "pre_norm", "final_norm", "no_embed_class")
 # parameters a classification checkpoint may carry that an encoder-only backbone never has
 _CLASSIFIER_ROOTS = ("head", "fc_norm", "head_drop", "attn_pool")
+#: the LayerNorm a classification model applies to its pooled feature (timm's and data2vec 2.0's ``fc_norm``):
+#: kept as ``Backbone.fc_norm`` for the ``mean_fc_norm`` feature instead of being dropped with the head
+POOLING_NORM = "fc_norm"
+#: its epsilon: data2vec 2.0's fine-tuning model (``nn.LayerNorm(embed_dim, eps=1e-6)``) and timm's ViTs
+POOLING_NORM_EPS = 1e-6
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\..+", re.S)
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,13 +57,15 @@ class CheckpointFormat:
 
     ``architecture`` holds the ``build_backbone`` keyword overrides the format implies. ``convert`` may raise
     :class:`UserError` when the file is not of this format; keys it does not recognise should be passed through
-    so :func:`load_checkpoint` reports them as unexpected.
+    so :func:`load_checkpoint` reports them as unexpected. ``describe_blocks`` (optional) says how a loaded file's
+    blocks are made up (data2vec 2.0: ``"2 prenet + 10 main blocks"``), for the error when the depths differ.
     """
 
     name: str
     description: str
     architecture: dict[str, Any] = field(default_factory=dict)
     convert: Callable[[Any], dict[str, Tensor]] = lambda obj: dict(obj)
+    describe_blocks: Callable[[Any], str] | None = None
 
 
 class UntrustedPickle(UserError):
@@ -73,11 +83,13 @@ class UntrustedPickle(UserError):
 class LoadReport:
     """What :func:`load_checkpoint` did. ``missing``: backbone keys left at their built values (only keys that
     can be rebuilt, e.g. a fixed sin-cos table); ``unexpected``: converted keys the backbone has no place for
-    (not loaded); ``dropped``: classifier keys (``head``, ``fc_norm``, ...) ignored for an encoder."""
+    (not loaded); ``dropped``: classifier keys (``head``, ...) ignored for an encoder; ``pooling``: the
+    ``fc_norm`` keys loaded as the backbone's pooling LayerNorm (:attr:`Backbone.fc_norm`)."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    pooling: list[str] = field(default_factory=list)
 
 
 def _tensors(obj: Any, what: str) -> dict[str, Tensor]:
@@ -118,37 +130,6 @@ def convert_mae(obj: Any) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if not (k.startswith("decoder") or k == "mask_token")}
 
 
-_D2V = "modality_encoders.IMAGE."
-_D2V_RENAMES = {
-    _D2V + "local_encoder.proj.weight": "patch_embed.proj.weight",
-    _D2V + "local_encoder.proj.bias": "patch_embed.proj.bias",
-    _D2V + "extra_tokens": "cls_token",
-    _D2V + "fixed_positional_encoder.positions": "pos_embed",
-    _D2V + "context_encoder.norm.weight": "norm_pre.weight",
-    _D2V + "context_encoder.norm.bias": "norm_pre.bias",
-}
-# pre-training-only modules of data2vec 2.0: the decoder(s), the EMA teacher and the target projections
-_D2V_DROP = (_D2V + "decoder", "_ema", "decoder", "shared_decoder", "recon_proj", "cls_proj")
-
-
-def convert_data2vec2(obj: Any) -> dict[str, Tensor]:
-    """fairseq data2vec 2.0 image model → timm names (blocks already match timm's).
-
-    Anything neither renamed nor a known pre-training module is passed through and reported as unexpected.
-    """
-    state = _strip(_strip(_tensors(_entry(obj, "model"), "data2vec 2.0 weights under 'model'"), "module."), "model.")
-    out = {}
-    for key, value in state.items():
-        if key in _D2V_RENAMES:
-            out[_D2V_RENAMES[key]] = value
-        elif not key.startswith(_D2V_DROP):
-            out[key] = value
-    extra = out.get("cls_token")
-    if extra is not None and extra.shape[1] != 1:
-        raise UserError(f"{_D2V}extra_tokens holds {extra.shape[1]} tokens; sslbench supports exactly one (CLS)")
-    return out
-
-
 def _sslbench(entry: str) -> Callable[[Any], dict[str, Tensor]]:
     def convert(obj: Any) -> dict[str, Tensor]:
         if not isinstance(obj, Mapping) or not isinstance(obj.get(entry), Mapping):
@@ -165,9 +146,10 @@ BUILTIN_FORMATS: dict[str, CheckpointFormat] = {
                          {}, convert_timm),
         CheckpointFormat("mae", "official MAE pre-training checkpoint (facebookresearch/mae), encoder only",
                          {"pos_embed": "sincos"}, convert_mae),
-        CheckpointFormat("data2vec2", "fairseq data2vec 2.0 image model (post-norm blocks, no final norm)",
+        CheckpointFormat("data2vec2", "fairseq data2vec 2.0 image model, pre-trained or fine-tuned (post-norm "
+                         "blocks, no final norm; the ViT-B prenet blocks first)",
                          {"pos_embed": "sincos", "block": "post_norm", "pre_norm": True, "final_norm": False,
-                          "no_embed_class": True}, convert_data2vec2),
+                          "no_embed_class": True}, convert_data2vec2, describe_blocks),
         CheckpointFormat("sslbench", "an sslbench run's checkpoints/backbone.pt (the trained encoder)",
                          {}, _sslbench("backbone")),
         CheckpointFormat("sslbench_ema", "an sslbench run's checkpoints/backbone.pt (the EMA of the encoder)",
@@ -224,6 +206,41 @@ def _check_architecture(backbone: "Backbone", fmt: CheckpointFormat, path: Path)
                             f"{backbone.architecture.get(key)!r}")
 
 
+def _check_depth(backbone: "Backbone", fmt: CheckpointFormat, path: Path, state: dict[str, Tensor],
+                 loaded: Any) -> None:
+    """A file with another number of blocks than the backbone is refused, naming ``backbone.depth``: loading it
+    would leave blocks random (a deeper backbone) or silently cut the network short (a shallower one)."""
+    indices = [int(m.group(1)) for m in map(_BLOCK_KEY.fullmatch, state) if m]
+    if not indices or max(indices) + 1 == backbone.depth:
+        return
+    blocks = max(indices) + 1
+    made_of = f" ({fmt.describe_blocks(loaded)})" if fmt.describe_blocks is not None else ""
+    raise UserError(f"{path} (format {fmt.name!r}): the checkpoint holds {blocks} blocks{made_of} but the backbone "
+                    f"{backbone.model_name!r} has backbone.depth = {backbone.depth}; set backbone.depth = {blocks} "
+                    f"(or leave it unset with a model of {blocks} blocks)")
+
+
+def _pooling_norm(backbone: "Backbone", fmt: CheckpointFormat, path: Path,
+                  extra: dict[str, Tensor]) -> tuple[list[str], torch.nn.LayerNorm | None]:
+    """The file's pooling LayerNorm (``fc_norm.weight`` and ``.bias`` beside the encoder) and its keys;
+    ``([], None)`` when the file has none (any ``fc_norm`` key is then dropped like a classifier's)."""
+    keys = {f"{POOLING_NORM}.weight", f"{POOLING_NORM}.bias"}
+    found = {k: v for k, v in extra.items() if k.startswith(POOLING_NORM + ".")}
+    if set(found) != keys:
+        return [], None
+    width = (backbone.embed_dim,)
+    if any(tuple(v.shape) != width for v in found.values()):
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(found.items()))
+        raise UserError(f"{path} (format {fmt.name!r}): the pooling norm has shapes {shapes}, expected "
+                        f"{width} for a backbone of width {backbone.embed_dim}")
+    norm = torch.nn.LayerNorm(backbone.embed_dim, eps=POOLING_NORM_EPS)
+    with torch.no_grad():
+        norm.weight.copy_(found[f"{POOLING_NORM}.weight"])
+        norm.bias.copy_(found[f"{POOLING_NORM}.bias"])
+    norm.requires_grad_(False)           # evaluation only (Backbone.fixed_parameters keeps it out of training)
+    return sorted(found), norm
+
+
 def _listing(keys: list[str], limit: int = 5) -> str:
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -234,8 +251,10 @@ def load_checkpoint(backbone: "Backbone", path: str | Path, format: str | Checkp
     """Load the checkpoint at ``path`` in ``format`` into ``backbone`` (in place) and report what happened.
 
     Raises :class:`UserError` (naming the file) if the file is missing or unreadable, if the backbone's build
-    contradicts the format's architecture, if a tensor's shape differs from the backbone's, or if any
-    backbone weight is missing from the checkpoint (except a fixed sin-cos position table, which is rebuilt).
+    contradicts the format's architecture, if the file has another number of blocks than ``backbone.depth``,
+    if a tensor's shape differs from the backbone's, or if any backbone weight is missing from the checkpoint
+    (except a fixed sin-cos position table, which is rebuilt). A pooling LayerNorm beside the encoder
+    (``fc_norm``, e.g. of a fine-tuned data2vec 2.0 file) becomes ``backbone.fc_norm``, else that is ``None``.
     """
     path = Path(path)
     if isinstance(format, str):
@@ -249,7 +268,11 @@ def load_checkpoint(backbone: "Backbone", path: str | Path, format: str | Checkp
     except UserError as exc:
         raise UserError(f"{path} (format {format.name!r}): {exc}") from None
 
+    _check_depth(backbone, format, path, state, loaded)
     target = backbone.vit.state_dict()
+    extra = {k: v for k, v in state.items() if k not in target}
+    pooling, pooling_norm = _pooling_norm(backbone, format, path, extra)
+    state = {k: v for k, v in state.items() if k not in pooling}
     dropped = sorted(k for k in state if k not in target and k.split(".")[0] in _CLASSIFIER_ROOTS)
     unexpected = sorted(k for k in state if k not in target and k not in dropped)
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}"
@@ -268,4 +291,9 @@ def load_checkpoint(backbone: "Backbone", path: str | Path, format: str | Checkp
     if unexpected:
         log.warning("%s: %d checkpoint key(s) not used by the backbone: %s", path, len(unexpected),
                     _listing(unexpected))
-    return LoadReport(missing=missing, unexpected=unexpected, dropped=dropped)
+    if pooling_norm is not None:
+        backbone.fc_norm = pooling_norm
+    elif getattr(backbone, "fc_norm", None) is not None:   # nothing is left from an earlier load
+        del backbone.fc_norm             # unregistered, then a plain None again (as a freshly built backbone)
+        backbone.fc_norm = None
+    return LoadReport(missing=missing, unexpected=unexpected, dropped=dropped, pooling=pooling)

@@ -16,9 +16,9 @@ import torch
 from sslbench.core.errors import UserError
 from sslbench.core.options import Option
 
-TOKENS = ("cls", "mean", "cls+mean")
+TOKENS = ("cls", "mean", "cls+mean", "mean_fc_norm")
 NORMS = ("raw", "normed")
-_REQUEST_PATTERN = re.compile(r"^b(-?\d+)\.(cls\+mean|cls|mean)\.(raw|normed)$")
+_REQUEST_PATTERN = re.compile(r"^b(-?\d+)\.(cls\+mean|cls|mean_fc_norm|mean)\.(raw|normed)$")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,9 @@ class FeatureRequest:
     pooled as ``token`` and taken from the ``norm`` stream.
 
     - ``token``: ``"cls"`` (the CLS token), ``"mean"`` (mean of the patch tokens, CLS and other prefix tokens
-      excluded) or ``"cls+mean"`` (both concatenated, 2·D wide — the DINOv2 linear-probe variant).
+      excluded), ``"cls+mean"`` (both concatenated, 2·D wide — the DINOv2 linear-probe variant) or
+      ``"mean_fc_norm"`` (the patch mean through a LayerNorm — data2vec 2.0's probe and fine-tuning feature: the
+      backbone's ``fc_norm`` when its checkpoint has one, else a LayerNorm without parameters, eps 1e-6).
     - ``norm``: ``"raw"`` (the residual stream, as MIM-Refiner's intermediate ID heads see it) or ``"normed"``
       (passed through the backbone's final norm, as the encoder output is).
     """
@@ -55,7 +57,7 @@ class FeatureRequest:
         """Inverse of ``str()``: ``"b11.cls.normed"`` → ``FeatureRequest(11, "cls", "normed")``."""
         match = _REQUEST_PATTERN.match(text.strip())
         if match is None:
-            raise UserError(f"feature request {text!r}: expected b<block>.<cls|mean|cls+mean>.<raw|normed>, "
+            raise UserError(f"feature request {text!r}: expected b<block>.<{'|'.join(TOKENS)}>.<raw|normed>, "
                             "e.g. b11.cls.normed or b-1.mean.raw")
         return cls(int(match.group(1)), match.group(2), match.group(3))
 
@@ -70,7 +72,8 @@ class FeatureRequest:
 #: The options that pick one feature matrix (shared by the evaluators that read a single feature).
 FEATURE_OPTIONS = {
     "block": Option(-1, int, "block whose tokens are used (-1: the last)"),
-    "token": Option("cls", str, "which token(s)", choices=("cls", "mean", "cls+mean")),
+    "token": Option("cls", str, "which token(s): CLS, the patch mean, both, or the patch mean through a "
+                    "LayerNorm (data2vec 2.0's feature; the checkpoint's fc_norm if it has one)", choices=TOKENS),
     "norm": Option("normed", str, "after the final norm or the raw residual stream", choices=("normed", "raw")),
 }
 
@@ -187,7 +190,8 @@ class Evaluator:
     options: ClassVar[dict[str, Option]] = {}
 
     def __init__(self, opts: dict[str, Any]):
-        self.opts = dict(opts)
+        # options declared with omit_default are absent from a recipe that leaves them out: their default applies
+        self.opts = {**{name: option.default for name, option in self.options.items()}, **dict(opts)}
 
     def requests(self, depth: int) -> list:
         """The :class:`FeatureRequest`s this evaluation needs, for a backbone of ``depth`` blocks."""

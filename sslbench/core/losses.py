@@ -10,9 +10,18 @@ The NN losses accept ``prediction`` either local ``(B, D)`` or gathered over pro
 (see :func:`sslbench.core.distributed.gather_with_grad`) while the query rows (neighbour / anchor) stay local
 ``(B, D)``. Row ``b`` of this process is then positive with column ``rank*B + b``. ``rank`` defaults to this
 process's rank and can be passed explicitly (tests, or callers that gather on a sub-group).
+
+Precision
+---------
+Every contrastive logit is computed in float32 whatever the autocast dtype: the features are cast to float32
+before they are normalised and the similarity product runs with autocast disabled (:func:`unit_fp32`,
+:func:`fp32_einsum`). Under bf16 autocast a logit near 1/τ = 10 would otherwise be rounded to steps of 0.0625
+(8 bits of mantissa), which is noise of the size of the differences the softmax is asked to learn.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +30,31 @@ from sslbench.core import distributed
 
 __all__ = [
     "nnclr_loss", "symmetric_nnclr_loss", "nna_loss", "patch_contrast_loss", "masked_infonce_loss",
-    "infonce_loss", "micl_similarity", "micl_loss", "mae_loss", "patchify", "unpatchify",
+    "infonce_loss", "micl_similarity", "micl_loss", "mae_loss", "patchify", "unpatchify", "unit_fp32", "fp32_einsum",
 ]
+
+
+def unit_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` L2-normalised along the last dimension, in float32 (cast first: a bf16 norm is itself imprecise).
+
+    The cast is differentiable, so a bf16 activation gets its gradient back in bf16.
+    """
+    return F.normalize(x.float(), dim=-1)
+
+
+def fp32_einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
+    """``torch.einsum`` on float32 copies of ``operands`` with autocast disabled for this one op.
+
+    Autocast would cast float32 inputs of a matmul down to its lower precision dtype; turning it off here keeps
+    the similarities — and so every logit built from them — in float32 whatever the run's mixed precision.
+    """
+    operands = tuple(o.float() for o in operands)
+    device_type = operands[0].device.type
+    # devices without autocast (e.g. "meta") have nothing to disable
+    guard = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+             else contextlib.nullcontext())
+    with guard:
+        return torch.einsum(equation, *operands)
 
 
 def _positive_columns(local_rows: int, columns: int, rank: int | None, device: torch.device) -> torch.Tensor:
@@ -50,9 +82,9 @@ def nnclr_loss(neighbour: torch.Tensor, prediction: torch.Tensor, temperature: f
     >>> round(nnclr_loss(q, q, 1.0).item(), 4)   # log(1 + e^-1)
     0.3133
     """
-    q = F.normalize(neighbour.detach(), dim=-1)
-    p = F.normalize(prediction, dim=-1)
-    logits = q @ p.T / temperature
+    q = unit_fp32(neighbour.detach())
+    p = unit_fp32(prediction)
+    logits = fp32_einsum("id,jd->ij", q, p) / temperature
     return F.cross_entropy(logits, _positive_columns(len(q), len(p), rank, logits.device))
 
 
@@ -73,12 +105,12 @@ def nna_loss(anchor: torch.Tensor, neighbour: torch.Tensor, prediction: torch.Te
     ``logits[b, b'] = norm(neighbour_b)·norm(prediction_b')/τ`` for the positive column ``b' = rank*B + b`` and
     ``norm(anchor_b)·norm(prediction_k)/τ`` for every other column k. Anchor and neighbour are detached.
     """
-    z = F.normalize(anchor.detach(), dim=-1)
-    q = F.normalize(neighbour.detach(), dim=-1)
-    p = F.normalize(prediction, dim=-1)
+    z = unit_fp32(anchor.detach())
+    q = unit_fp32(neighbour.detach())
+    p = unit_fp32(prediction)
     target = _positive_columns(len(z), len(p), rank, p.device)
-    negatives = z @ p.T
-    positives = (q * p[target]).sum(dim=-1)
+    negatives = fp32_einsum("id,jd->ij", z, p)
+    positives = fp32_einsum("id,id->i", q, p[target])
     is_positive = F.one_hot(target, num_classes=len(p)).bool()
     logits = torch.where(is_positive, positives[:, None], negatives) / temperature
     return F.cross_entropy(logits, target)
@@ -101,9 +133,9 @@ def patch_contrast_loss(student: torch.Tensor, teacher: torch.Tensor, masked: to
     target is j = i. Cross-entropy averaged over all masked tokens of the batch; no cross-image negatives.
     """
     masked = _require_masked(masked)
-    s = F.normalize(student, dim=-1)
-    t = F.normalize(teacher.detach(), dim=-1)
-    logits = torch.einsum("bid,bjd->bij", s, t) / temperature          # (B, N, N): query patch i, key patch j
+    s = unit_fp32(student)
+    t = unit_fp32(teacher.detach())
+    logits = fp32_einsum("bid,bjd->bij", s, t) / temperature           # (B, N, N): query patch i, key patch j
     positions = torch.arange(student.shape[1], device=student.device).expand_as(masked)
     return F.cross_entropy(logits[masked], positions[masked])
 
@@ -114,9 +146,9 @@ def infonce_loss(a: torch.Tensor, b: torch.Tensor, temperature: float, rank: int
     ``logits = norm(a) @ norm(b).T / τ``; ``b`` may be gathered over processes (see module docstring).
     Neither side is detached — detach a teacher before calling.
     """
-    a = F.normalize(a, dim=-1)
-    b = F.normalize(b, dim=-1)
-    logits = a @ b.T / temperature
+    a = unit_fp32(a)
+    b = unit_fp32(b)
+    logits = fp32_einsum("id,jd->ij", a, b) / temperature
     return F.cross_entropy(logits, _positive_columns(len(a), len(b), rank, logits.device))
 
 
@@ -142,7 +174,7 @@ def micl_similarity(cosine: torch.Tensor, temperature: float = 0.07, kappa: floa
 
 def micl_loss(m: torch.Tensor, n: torch.Tensor, temperature: float = 0.07, kappa: float = 1 / 64) -> torch.Tensor:
     """MiCL loss: ``½[CE(s(m·nᵀ), diag) + CE(s(n·mᵀ), diag)]`` on L2-normalised m, n; local-batch negatives."""
-    cosine = F.normalize(m, dim=-1) @ F.normalize(n, dim=-1).T
+    cosine = fp32_einsum("id,jd->ij", unit_fp32(m), unit_fp32(n))
     logits = micl_similarity(cosine, temperature, kappa)
     target = torch.arange(len(m), device=m.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
@@ -199,17 +231,13 @@ def mae_loss(pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tenso
 
 
 # --- MimCo-style (Zhou et al., ACM MM 2022, arXiv 2209.03063) ------------------------------------------------------
-# Logits in fp32 whatever the autocast dtype: under bf16 a logit near 1/τ = 5 has steps of 0.03, and the InfoNCE
-# gradients are differences of such numbers.
+# Logits in fp32 whatever the autocast dtype (unit_fp32, fp32_einsum), as every contrastive loss here.
 
 
 def _fp32_infonce(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor,
                   temperature: float) -> torch.Tensor:
-    """``CE(norm(q) @ norm(k).T / τ, targets)`` computed in fp32 with autocast off; gradients flow to both sides."""
-    with torch.autocast(device_type=queries.device.type, enabled=False):
-        q = F.normalize(queries.float(), dim=-1)
-        k = F.normalize(keys.float(), dim=-1)
-        return F.cross_entropy(q @ k.T / temperature, targets)
+    """``CE(norm(q) @ norm(k).T / τ, targets)`` with fp32 logits; gradients flow to both sides."""
+    return F.cross_entropy(fp32_einsum("qd,kd->qk", unit_fp32(queries), unit_fp32(keys)) / temperature, targets)
 
 
 def mimco_image_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -228,32 +256,32 @@ def mimco_image_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: 
 
 def mimco_patch_loss(student: torch.Tensor, teacher: torch.Tensor, masked: torch.Tensor, temperature: float,
                      negatives: str = "batch", keys: torch.Tensor | None = None,
-                     rank: int | None = None) -> torch.Tensor:
+                     key_offset: int = 0) -> torch.Tensor:
     """MimCo's patch-level loss: the student's prediction at each masked position must pick out the (detached)
     teacher feature at the same position. ``student`` ``(B, N, D)``, ``teacher`` ``(B, N, D)``, ``masked``
     ``(B, N)`` bool. fp32 logits, mean over the masked positions.
 
     ``negatives="batch"``: the keys are the teacher features at every masked position of the batch, in the order of
-    ``teacher[masked]``; ``keys`` may give them gathered over processes, ``(W*M, D)`` for M local masked positions
-    (the positive of local query m is then key ``rank*M + m``). ``negatives="image"``: the keys of a query are the
-    teacher features at the masked positions of its own image.
+    ``teacher[masked]``; ``keys`` may give them gathered over processes (all processes' ``teacher[masked]`` rows,
+    in rank order), with this process's rows starting at ``key_offset`` (the masked positions of the lower ranks:
+    masks may mask different numbers of patches). ``negatives="image"``: the keys of a query are the teacher
+    features at the masked positions of its own image.
     """
     masked = _require_masked(masked)
     if negatives == "image":
         if keys is not None:
             raise ValueError("negatives='image' takes no gathered keys")
-        with torch.autocast(device_type=student.device.type, enabled=False):
-            s = F.normalize(student.float(), dim=-1)
-            t = F.normalize(teacher.detach().float(), dim=-1)
-            logits = torch.einsum("bid,bjd->bij", s, t) / temperature
-            logits = logits.masked_fill(~masked[:, None, :], float("-inf"))   # visible positions are no keys
-            positions = torch.arange(student.shape[1], device=student.device).expand_as(masked)
-            return F.cross_entropy(logits[masked], positions[masked])
+        logits = fp32_einsum("bid,bjd->bij", unit_fp32(student), unit_fp32(teacher.detach())) / temperature
+        logits = logits.masked_fill(~masked[:, None, :], float("-inf"))      # visible positions are no keys
+        positions = torch.arange(student.shape[1], device=student.device).expand_as(masked)
+        return F.cross_entropy(logits[masked], positions[masked])
     if negatives != "batch":
         raise ValueError(f"negatives must be 'batch' or 'image', got {negatives!r}")
     queries = student[masked]
     keys = teacher[masked] if keys is None else keys
-    targets = _positive_columns(len(queries), len(keys), rank, student.device)
+    if not 0 <= key_offset <= len(keys) - len(queries):
+        raise ValueError(f"{len(queries)} queries from key {key_offset} do not fit the {len(keys)} keys")
+    targets = torch.arange(key_offset, key_offset + len(queries), device=student.device)
     return _fp32_infonce(queries, keys.detach(), targets, temperature)
 
 

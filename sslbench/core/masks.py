@@ -8,8 +8,15 @@
   which becomes its own sequence with its own CLS token.
 
 A mask is a small dataclass of index/boolean tensors; :class:`sslbench.core.backbone.Backbone` dispatches on its
-type. Every generator is batched (one call per batch, a different mask per image) and takes an optional
-``torch.Generator`` so that runs are reproducible.
+type. Every generator is batched (one call per batch, a different mask per image). An objective draws its masks
+from the per-sample keyed streams (``batch.rng``): the ``*_from_noise`` functions and :func:`random_unit_mask`
+take one row of uniform noise per image, :func:`block_mask` one seed per image (:func:`keyed_seeds`), so a
+sample's mask depends only on (run seed, step, sample index) — not on the process or micro-batch holding it.
+The ``random_*`` conveniences take an optional ``torch.Generator`` instead (tests, tools).
+
+ConMIM's two official modes (Yi et al. 2023, TencentARC/ConMIM ``masking_generator.py``):
+:func:`random_unit_mask` (``random_mps32``: whole 32-px units drawn uniformly, its ViT-L recipe) and
+:func:`block_mask` (BEiT's block-wise generator on the patch grid, 75 patches, its default).
 
 >>> g = torch.Generator().manual_seed(0)
 >>> drop, masked, ids_restore = random_drop_mask(2, 16, 0.75, g)
@@ -98,18 +105,6 @@ def drop_mask_from_noise(noise: Tensor, ratio: float) -> tuple[DropMask, Tensor,
     return DropMask(keep=ids_shuffle[:, :num_keep]), masked, ids_restore
 
 
-def _exactly(masked: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
-    """Make every row of ``masked`` have exactly ``count`` True entries, changing as few as possible.
-
-    Rows with too many masked patches lose random ones, rows with too few gain random ones: each entry's key
-    is ``2*masked + u`` with u uniform in [0, 1), so the top-``count`` keys take masked entries first and
-    break ties at random.
-    """
-    keys = masked.float() * 2 + _uniform(tuple(masked.shape), generator, masked.device)
-    top = keys.topk(count, dim=1).indices
-    return torch.zeros_like(masked).scatter_(1, top, True)
-
-
 def random_replace_mask(batch: int, num_patches: int, ratio: float, generator: torch.Generator | None = None,
                         device: torch.device | str | None = None) -> Tensor:
     """A (B, N) bool mask with exactly ``round(ratio * N)`` uniformly random True (= replaced) patches a row."""
@@ -120,64 +115,118 @@ def random_replace_mask(batch: int, num_patches: int, ratio: float, generator: t
     return ranks < count
 
 
-def _place_blocks(rng: random.Random, height: int, width: int, target: int, min_block: int,
-                  aspect: tuple[float, float]) -> list[list[bool]]:
-    """BEiT-style block-wise masking (Bao et al. 2022, Alg. 1) on a ``height x width`` grid.
+def mask_unit_patches(unit_px: int, patch_size: int, grid: tuple[int, int]) -> int:
+    """Patches per side of a square mask unit of ``unit_px`` pixels: rounded to whole patches, at least one.
 
-    Rectangles of random area (between ``min_block`` and what is still missing) and log-uniform aspect ratio
-    are placed at random until ``target`` cells are masked or ten attempts in a row add nothing.
+    The units must tile the patch grid exactly (ConMIM's ``MaskGenerator`` asserts the same), so a unit whose
+    patch count does not divide both grid sides is refused.
+    """
+    if unit_px < 1 or patch_size < 1:
+        raise UserError(f"mask unit and patch size must be >= 1 px, got {unit_px} and {patch_size}")
+    unit = max(1, round(unit_px / patch_size))
+    height, width = grid
+    if height % unit or width % unit:
+        raise UserError(f"a mask unit of {unit_px} px is {unit} patches of {patch_size} px a side, which does not "
+                        f"tile the {height}x{width} patch grid; expected a unit whose patch count divides "
+                        f"{height} and {width}")
+    return unit
+
+
+def unit_mask_count(units: int, ratio: float) -> int:
+    """Units masked at ``ratio``: rounded *up*, as ConMIM's ``random_mps32`` (ceil(0.75 · 49) = 37).
+
+    The product is rounded to 9 decimals first so that e.g. 0.7 · 10 counts 7 units, not 8.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise UserError(f"mask ratio must be in [0, 1], got {ratio}")
+    return math.ceil(round(ratio * units, 9))
+
+
+def random_unit_mask(noise: Tensor, grid: tuple[int, int], unit: int, count: int) -> Tensor:
+    """ConMIM's ``random_mps32`` masks (SimMIM-style): ``count`` units drawn uniformly, each ``unit x unit`` patches.
+
+    ``noise`` is (B, U) uniform noise, one row per image (e.g. ``batch.rng.rand(U)``), for the
+    ``U = (H / unit) · (W / unit)`` units in row-major order; the ``count`` units with the smallest noise are
+    masked (a stable sort, so ties break the same way on every device). Returns (B, H·W) bool, row-major
+    patches, exactly ``count · unit²`` True per row. At 224 px, patch 16, 32-px units and ratio 0.75:
+    37 of the 49 units, 148 of the 196 patches.
+    """
+    height, width = grid
+    if unit < 1 or height % unit or width % unit:
+        raise UserError(f"a mask unit of {unit} patches does not tile the {height}x{width} patch grid")
+    rows, cols = height // unit, width // unit
+    if noise.ndim != 2 or noise.shape[1] != rows * cols:
+        raise ValueError(f"expected (B, {rows * cols}) noise for {rows}x{cols} units, got {tuple(noise.shape)}")
+    if not 0 <= count <= rows * cols:
+        raise UserError(f"cannot mask {count} of {rows * cols} mask units")
+    ranks = torch.argsort(torch.argsort(noise, dim=1, stable=True), dim=1)
+    units = (ranks < count).view(-1, rows, cols)
+    patches = units.repeat_interleave(unit, dim=1).repeat_interleave(unit, dim=2)
+    return patches.reshape(noise.shape[0], height * width)
+
+
+def keyed_seeds(uniform: Tensor) -> list[int]:
+    """48-bit integer seeds, one per image, from (B, 2) keyed uniform draws (``batch.rng.rand(2)``).
+
+    The keyed draws have 24 bits each and are exact in float32, so the two become one integer without loss.
+    The list lives on the host: the generators it seeds (:func:`block_mask`) run in Python.
+    """
+    bits = (uniform.detach().to("cpu", torch.float64) * (1 << 24)).long()
+    return ((bits[:, 0] << 24) | bits[:, 1]).tolist()
+
+
+def _beit_blocks(rng: random.Random, height: int, width: int, count: int, min_block: int, max_block: int,
+                 log_aspect: tuple[float, float]) -> list[list[bool]]:
+    """BEiT's block-wise masking (Bao et al. 2022, Alg. 1) of one image, as its official generator draws it.
+
+    Until ``count`` patches are masked: up to ten tries of a rectangle with area uniform in
+    [min_block, still missing (at most max_block)] and log-uniform aspect, placed uniformly; a try that adds no
+    patch or would overshoot is discarded, and ten discarded tries in a row end the mask (so it may fall a few
+    patches short). Rectangles must be strictly smaller than the grid in both sides, as in the original.
+    The order and kind of the calls on ``rng`` are the original's, so equal seeds give equal masks.
     """
     grid = [[False] * width for _ in range(height)]
-    count = 0
-    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
-    while count < target:
-        remaining = target - count
+    masked = 0
+    while masked < count:
+        budget = min(count - masked, max_block)
         added = 0
         for _ in range(10):
-            area = rng.uniform(min(min_block, remaining), remaining)
-            ratio = math.exp(rng.uniform(log_lo, log_hi))
-            h = round(math.sqrt(area * ratio))
-            w = round(math.sqrt(area / ratio))
-            if not (1 <= h <= height and 1 <= w <= width):
+            area = rng.uniform(min_block, budget)
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if not (h < height and w < width):
                 continue
             top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-            new = sum(not grid[i][j] for i in range(top, top + h) for j in range(left, left + w))
-            if 0 < new <= remaining:
-                for i in range(top, top + h):
-                    for j in range(left, left + w):
-                        grid[i][j] = True
-                added = new
+            new = [(i, j) for i in range(top, top + h) for j in range(left, left + w) if not grid[i][j]]
+            if 0 < len(new) <= budget:
+                for i, j in new:
+                    grid[i][j] = True
+                added = len(new)
                 break
         if added == 0:
             break
-        count += added
+        masked += added
     return grid
 
 
-def blockwise_mask(batch: int, grid_h: int, grid_w: int, ratio: float, unit: int = 1,
-                   generator: torch.Generator | None = None, device: torch.device | str | None = None, *,
-                   min_block: int = 4, aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> Tensor:
-    """Block-wise masks (BEiT; ConMIM's 32-px units), exactly ``round(ratio * N)`` True patches per row.
+def block_mask(seeds: list[int], grid: tuple[int, int], count: int, min_block: int = 16,
+               max_block: int | None = None, aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> Tensor:
+    """BEiT block-wise masks on the patch grid, ConMIM's default ``block`` mode (75 patches, blocks >= 16).
 
-    Blocks are placed on a coarse grid of ``unit x unit``-patch cells (ConMIM at 224 px, patch 16: unit 2,
-    a 7x7 cell grid) and then expanded to patches. Because cells hold ``unit**2`` patches, the count is then
-    topped up or trimmed at random so every row has the same number of masked patches (a batch of
-    sequences must be rectangular for the losses). ``min_block`` is the smallest block in cells.
-    Returns a (B, grid_h * grid_w) bool tensor in row-major patch order.
+    One mask per seed, each from its own ``random.Random(seed)`` — seed it from the image's keyed stream
+    (:func:`keyed_seeds`) and the mask depends only on (run seed, step, sample). At most ``count`` patches
+    a row: like the original, a mask may stop a few short (at 14x14, 75 patches, blocks >= 16, about a
+    third of the masks do, by 1 to 11 patches). ``max_block`` defaults to ``count``. Returns (B, H·W) bool.
     """
-    _check_ratio(ratio)
-    if unit < 1:
-        raise UserError(f"block-wise mask unit must be >= 1 patch, got {unit}")
-    cells_h, cells_w = math.ceil(grid_h / unit), math.ceil(grid_w / unit)
-    target_cells = round(ratio * cells_h * cells_w)
-    # one Python RNG seeded from the torch generator: the block placement is scalar, sequential work
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    rng = random.Random(seed)
-    cells = torch.tensor([_place_blocks(rng, cells_h, cells_w, target_cells, min_block, aspect)
-                          for _ in range(batch)], dtype=torch.bool).reshape(batch, cells_h, cells_w)
-    patches = cells.repeat_interleave(unit, 1).repeat_interleave(unit, 2)[:, :grid_h, :grid_w]
-    masked = patches.reshape(batch, grid_h * grid_w).to(device if device is not None else "cpu")
-    return _exactly(masked, round(ratio * grid_h * grid_w), generator)
+    height, width = grid
+    if not 0 <= count <= height * width:
+        raise UserError(f"cannot mask {count} of the {height * width} patches of a {height}x{width} grid")
+    if min_block < 1:
+        raise UserError(f"the smallest mask block must be >= 1 patch, got {min_block}")
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+    rows = [_beit_blocks(random.Random(seed), height, width, count, min_block,
+                         count if max_block is None else max_block, log_aspect) for seed in seeds]
+    return torch.tensor(rows, dtype=torch.bool).reshape(len(seeds), height * width)
 
 
 def random_split_mask(batch: int, num_patches: int, ratio: float, splits: int = 2,

@@ -28,6 +28,9 @@ class Option:
     ``type`` is one of ``int, float, str, bool, list, dict``; a float option also accepts integers.
     ``item_type`` checks the elements of a list. ``default=None`` with ``required=True`` makes the key mandatory.
     ``nullable`` allows ``None`` (a TOML recipe cannot write it, but defaults may be ``None``).
+    ``omit_default``: a key the table leaves out stays out of the validated table (its consumer applies
+    ``default``), so an option added to a plugin after recipes were hashed leaves their hashes unchanged; such a
+    default must stay the behaviour from before the option existed.
     """
 
     default: Any
@@ -40,6 +43,7 @@ class Option:
     item_type: type | None = None
     required: bool = False
     nullable: bool = False
+    omit_default: bool = False
 
     def describe(self) -> str:
         """What is allowed, for error messages and `sslbench list --options`."""
@@ -104,7 +108,8 @@ def check_value(option: Option, value: Any, key: str) -> Any:
 
 
 def validate_options(schema: Mapping[str, Option], given: Mapping[str, Any] | None, key_path: str) -> dict:
-    """Validate ``given`` against ``schema``: unknown keys are errors, defaults fill the rest."""
+    """Validate ``given`` against ``schema``: unknown keys are errors, defaults fill the rest (except
+    ``omit_default`` options)."""
     given = dict(given or {})
     unknown = sorted(set(given) - set(schema))
     if unknown:
@@ -117,6 +122,6 @@ def validate_options(schema: Mapping[str, Option], given: Mapping[str, Any] | No
             out[name] = check_value(option, given[name], key)
         elif option.required:
             raise RecipeError(key, f"missing; expected {option.describe()}")
-        else:
+        elif not option.omit_default:
             out[name] = option.default
     return out

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from sslbench.core.checkpoints import POOLING_NORM_EPS
 from sslbench.core.errors import UserError
 from sslbench.core.evaluator import FeatureRequest
 from sslbench.core.progress import progress_bar
@@ -36,15 +38,25 @@ from sslbench.core.io import atomic_torch_save
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-__all__ = ["FeatureRequest", "weights_fingerprint", "extract_features", "feature_cache_key"]
+__all__ = ["FeatureRequest", "weights_fingerprint", "extract_features", "feature_cache_key", "pool"]
 
 # --- extraction --------------------------------------------------------------------------------------------------
 
-def _pool(tokens: torch.Tensor, token: str, num_prefix: int) -> torch.Tensor:
-    """(B, prefix+N, D) → (B, D) or (B, 2D): CLS is token 0; "mean" averages patch tokens only."""
+def pool(tokens: torch.Tensor, token: str, num_prefix: int, fc_norm: nn.Module | None = None) -> torch.Tensor:
+    """(B, prefix+N, D) → (B, D) or (B, 2D): CLS is token 0; "mean" averages patch tokens only; "mean_fc_norm"
+    passes that mean through ``fc_norm`` (the checkpoint's pooling LayerNorm), or, for a backbone without one, a
+    LayerNorm without parameters (eps 1e-6, as data2vec 2.0's) — a stated choice: the normalisation is the part of
+    data2vec 2.0's feature that does not depend on a fine-tuning run. That one is computed in float32 whatever the
+    autocast (a CPU autocast would run the LayerNorm in bf16)."""
     cls = tokens[:, 0]
     if token == "cls":
         return cls
+    if token == "mean_fc_norm":
+        with torch.autocast(tokens.device.type, enabled=False):
+            mean = tokens[:, num_prefix:].float().mean(dim=1)
+            if fc_norm is None:
+                return F.layer_norm(mean, mean.shape[-1:], eps=POOLING_NORM_EPS)
+            return F.layer_norm(mean, mean.shape[-1:], fc_norm.weight.float(), fc_norm.bias.float(), fc_norm.eps)
     mean = tokens[:, num_prefix:].mean(dim=1)
     return mean if token == "mean" else torch.cat([cls, mean], dim=1)
 
@@ -53,6 +65,7 @@ def _forward_batch(backbone: nn.Module, images: torch.Tensor, requests: Sequence
                    num_prefix: int) -> list[torch.Tensor]:
     """One forward pass returning every request's pooled (B, D) features."""
     blocks = sorted({r.block for r in requests})
+    fc_norm = getattr(backbone, "fc_norm", None)
     norms = {r.norm for r in requests}
     out = "both" if len(norms) == 2 else norms.pop()
     # final=False: the block loop stops at the deepest requested block. The last block's normed stream is
@@ -66,8 +79,8 @@ def _forward_batch(backbone: nn.Module, images: torch.Tensor, requests: Sequence
         # A copy, never a view: tokens[:, 0] would keep the whole (B, tokens, D) block output alive in the
         # per-batch lists — 17x the memory, ~22 GB for Fashion-MNIST's 24 per-block requests. One copy, which
         # also casts (bf16 on GPU) to float32.
-        pooled.append(_pool(tokens, r.token, num_prefix).to(torch.float32, memory_format=torch.contiguous_format,
-                                                            copy=True))
+        pooled.append(pool(tokens, r.token, num_prefix, fc_norm).to(torch.float32,
+                                                                    memory_format=torch.contiguous_format, copy=True))
     return pooled
 
 

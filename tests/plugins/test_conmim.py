@@ -1,5 +1,5 @@
 """The conmim objective: the loss against a by-hand pipeline, the EMA teacher (buffers, momentum, train mode),
-block-wise masks, gradients, recipe errors."""
+the official mask modes drawn per sample, gradients, recipe errors."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from torch import nn
 from ..conftest import layer_types, linears
 from sslbench_plugins.conmim import conmim_projector
 
-SMALL = {"proj_hidden": 32, "proj_out": 16, "mask_unit_px": 8}
+# 32 px in 4-px patches: an 8x8 grid; 24 of 64 patches is the official block count's fraction (75 of 196)
+SMALL = {"proj_hidden": 32, "proj_out": 16, "mask_patches": 24}
+UNITS = {"mask_mode": "random_units", "mask_unit_px": 8}      # 2x2-patch units, a 4x4 unit grid
 
 
 def make(total_steps: int = 10, **options) -> ConMIM:
@@ -39,12 +41,13 @@ def inputs(objective: ConMIM, step: int = 0):
     return views, Batch(index=index, rng=rng)
 
 
-def test_loss_equals_the_pipeline_written_by_hand():
-    objective = make()
+@pytest.mark.parametrize("options", [{}, UNITS], ids=["block", "random_units"])
+def test_loss_equals_the_pipeline_written_by_hand(options):
+    objective = make(**options)
     views, batch = inputs(objective)
     loss = objective(views, batch)["loss"]
     replay = inputs(objective)[1]                     # the same streams, drawn in the same order
-    masked = objective.mask(6, replay, torch.device("cpu"))
+    masked = objective.mask(replay)
     backbone, teacher = objective.backbone, objective.teacher.module
     with torch.no_grad():
         x = backbone.embed(views[0]).clone()
@@ -59,12 +62,58 @@ def test_loss_equals_the_pipeline_written_by_hand():
     torch.testing.assert_close(loss.detach(), torch.stack(terms).mean(), rtol=1e-4, atol=1e-5)
 
 
-def test_masks_are_block_wise_exact_and_reproducible():
+def test_block_masks_by_default_at_most_the_count_and_reproducible():
     objective = make()
-    first = objective.mask(6, inputs(objective)[1], torch.device("cpu"))
-    assert first.shape == (6, 64) and (first.sum(1) == 48).all()         # round(0.75 · 64) per image
-    assert torch.equal(first, objective.mask(6, inputs(objective)[1], torch.device("cpu")))
-    assert not torch.equal(first, objective.mask(6, inputs(objective, step=1)[1], torch.device("cpu")))
+    first = objective.mask(inputs(objective)[1])
+    assert first.shape == (6, 64) and (first.sum(1) <= 24).all() and (first.sum(1) >= 16).all()
+    assert torch.equal(first, objective.mask(inputs(objective)[1]))
+    assert not torch.equal(first, objective.mask(inputs(objective, step=1)[1]))
+
+
+def test_random_units_mask_whole_units_exactly():
+    objective = make(**UNITS, mask_ratio=0.75)
+    masked = objective.mask(inputs(objective)[1])
+    assert (masked.sum(1) == 48).all()                                 # ceil(0.75 · 16) = 12 units of 4 patches
+    per_unit = masked.view(6, 4, 2, 4, 2).sum(dim=(2, 4))
+    assert ((per_unit == 0) | (per_unit == 4)).all()
+
+
+@pytest.mark.parametrize("options", [{}, UNITS], ids=["block", "random_units"])
+def test_masks_are_the_same_for_1_or_2_processes_and_any_accumulation(options):
+    """A batch of 8, as 2 processes of 4 and as 4 micro-batches of 2: each sample gets the same mask, because
+    each is drawn from that sample's own keyed stream after the views (as in a training step)."""
+    objective = make(**options)
+
+    def masks(index: torch.Tensor) -> torch.Tensor:
+        rng = KeyedRandom(0, 5, index)
+        objective.views(INFO)(images(len(index)).float() / 255, rng)
+        return objective.mask(Batch(index=index, rng=rng))
+
+    index = torch.arange(20, 28)
+    whole = masks(index)
+    assert torch.equal(whole, torch.cat([masks(part) for part in index.chunk(2)]))
+    assert torch.equal(whole, torch.cat([masks(part) for part in index.chunk(4)]))
+    assert len({tuple(row.tolist()) for row in whole}) == 8
+
+
+def test_mask_options_that_do_not_fit_the_grid_are_recipe_errors():
+    with pytest.raises(sslbench.RecipeError, match=r"options.mask_patches: 64 masks every patch of the 8x8 patch "
+                                                   r"grid; expected fewer than 64"):
+        make(mask_patches=64)
+    with pytest.raises(sslbench.RecipeError, match=r"options.mask_unit_px: a mask unit of 12 px is 3 patches of "
+                                                   r"4 px a side, which does not tile the 8x8 patch grid"):
+        make(**{**UNITS, "mask_unit_px": 12})
+    make(mask_unit_px=12)                              # block mode does not use the unit
+    with pytest.raises(sslbench.RecipeError, match="options.mask_mode"):
+        validate_options(ConMIM.options, {"mask_mode": "random_mps32"}, "options")
+
+
+def test_a_following_stage_may_switch_the_mask_mode():
+    objective = make()
+    opts = validate_options(ConMIM.options, {**SMALL, **UNITS}, "options")
+    objective.start_stage(opts, StageContext(1, 10, 10, 1, 0, 0))
+    masked = objective.mask(inputs(objective)[1])
+    assert (masked.view(6, 4, 2, 4, 2).sum(dim=(2, 4)) % 4 == 0).all()
 
 
 def test_teacher_is_an_ema_of_backbone_and_projector_kept_in_train_mode():
@@ -93,7 +142,9 @@ def test_teacher_is_an_ema_of_backbone_and_projector_kept_in_train_mode():
 def test_a_ratio_that_masks_nothing_or_everything_is_a_recipe_error():
     for ratio in (0.0, 1.0):
         with pytest.raises(sslbench.RecipeError, match="options.mask_ratio"):
-            make(mask_ratio=ratio)
+            make(**UNITS, mask_ratio=ratio)
+    with pytest.raises(sslbench.RecipeError, match="options.mask_ratio: 0.95 masks 16 of the 16 units"):
+        make(**UNITS, mask_ratio=0.95)                                  # rounded up: ceil(15.2) = 16
 
 
 def test_conmim_projector_structure():

@@ -14,7 +14,7 @@ from sslbench.core.objective import Batch, StageContext
 from sslbench.core.options import validate_options
 from sslbench.core.rng import KeyedRandom
 from sslbench.core.teacher import FrozenTeacher
-from sslbench_plugins.mimco import MimCo, keyed_masks
+from sslbench_plugins.mimco import MimCo
 
 from .test_registered_objectives import INFO, images
 
@@ -36,19 +36,24 @@ def inputs(objective: MimCo, index=None, step: int = 0):
     return views, Batch(index=index, rng=rng)
 
 
-@pytest.mark.parametrize("kind", ["block", "random"])
-def test_masks_are_per_sample_exact_and_keyed(kind):
+@pytest.mark.parametrize("mode", ["random_units", "block"])
+def test_masks_are_conmims_per_sample_and_keyed(mode):
     """A sample's mask depends only on (seed, step, its index): the same in any batch it is part of."""
-    grid, ratio = (8, 8), 0.75
-    whole = keyed_masks(KeyedRandom(3, 5, torch.arange(6)), grid, ratio, kind, 2)
-    part = keyed_masks(KeyedRandom(3, 5, torch.tensor([4, 1])), grid, ratio, kind, 2)
-    assert whole.shape == (6, 64) and (whole.sum(1) == 48).all()
-    assert torch.equal(part, whole[[4, 1]])
-    assert not torch.equal(whole[0], whole[1])
-    assert not torch.equal(keyed_masks(KeyedRandom(3, 6, torch.arange(6)), grid, ratio, kind, 2), whole)
-    if kind == "block":   # blocks of 2x2-patch cells: before the exact-count trim most masked patches come in cells
-        cells = whole.reshape(6, 4, 2, 4, 2).sum((2, 4))
-        assert ((cells == 4) | (cells == 0)).float().mean() > 0.7
+    objective = make(mask_mode=mode, mask_min_block=4)
+
+    def masks(index, step=5):
+        return objective.mask(Batch(index=index, rng=KeyedRandom(3, step, index)))
+
+    whole = masks(torch.arange(6))
+    assert whole.shape == (6, 64)
+    assert torch.equal(masks(torch.tensor([4, 1])), whole[[4, 1]])
+    assert not torch.equal(whole[0], whole[1]) and not torch.equal(masks(torch.arange(6), step=6), whole)
+    if mode == "random_units":      # 8 px = 2x2-patch units: ceil(0.75 · 16) = 12 whole units, 48 patches
+        assert (whole.sum(1) == 48).all()
+        units = whole.reshape(6, 4, 2, 4, 2).sum((2, 4))
+        assert ((units == 4) | (units == 0)).all()
+    else:                           # BEiT blocks: at most round(0.75 · 64) = 48 patches, rectangles of >= 4
+        assert (whole.sum(1) <= 48).all() and (whole.sum(1) >= 4).all()
 
 
 def test_loss_equals_a_by_hand_pipeline():
@@ -57,7 +62,7 @@ def test_loss_equals_a_by_hand_pipeline():
     out = objective(views, batch)
     (view,) = views
     _, fresh = inputs(objective)                                # the streams as the views leave them
-    masked = keyed_masks(fresh.rng, (8, 8), 0.75, "block", 2)
+    masked = objective.mask(fresh)
     tokens = objective.backbone(view, mask=ReplaceMask(masked, objective.mask_token)).tokens
     target = objective.teacher.network(view).tokens
     patch = mimco_patch_loss(objective.patch_head(tokens[:, 1:]), target[:, 1:], masked, 0.2)
@@ -100,6 +105,10 @@ def test_bad_teacher_and_options_are_refused_naming_the_key():
         make(teacher_patch=8)
     with pytest.raises(sslbench.RecipeError, match=r"stages\[0\]\.options\.mask_ratio"):
         make(mask_ratio=1.0)
+    with pytest.raises(sslbench.RecipeError, match=r"stages\[0\]\.options\.mask_unit_px: .*does not tile"):
+        make(mask_unit_px=12)
+    with pytest.raises(sslbench.RecipeError, match=r"stages\[0\]\.options\.mask_min_block"):
+        make(mask_mode="block", mask_ratio=0.1, mask_min_block=16)
     with pytest.raises(sslbench.RecipeError, match=r"stages\[0\]\.options\.image_weight"):
         make(patch_weight=0.0, image_weight=0.0)
     backbone = build_backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, embed_dim=32, depth=1,

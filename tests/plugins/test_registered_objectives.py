@@ -36,6 +36,10 @@ REGISTRY = _registry()
 OBJECTIVES = REGISTRY.names("objective")
 # 32 px in 4-px patches: 64 patch tokens, enough for every default mask ratio (MiCL keeps 10%: 3 per view).
 INFO = DataInfo(image_size=32, channels=1, mean=(0.5,), std=(0.5,), num_samples=64)
+# Defaults tied to 224-px images that cannot fit this 8x8 grid, scaled down (an objective refuses them with a
+# recipe error rather than bending them): ConMIM's official 75 block-masked patches of 196 → 24 of 64; MimCo's
+# 32-px mask units (one unit would cover this 32-px image) → 8 px.
+TINY_GRID_OPTIONS = {"conmim": {"mask_patches": 24}, "mimco": {"mask_unit_px": 8}}
 
 
 def tiny_teacher() -> FrozenTeacher:
@@ -50,9 +54,9 @@ def build(name: str, seed: int = 0) -> Objective:
     torch.manual_seed(seed)
     backbone = build_backbone("vit_tiny_patch16_224", img_size=INFO.image_size, patch_size=4, in_chans=1,
                               embed_dim=32, depth=4, num_heads=2, pos_embed="sincos")
+    options = validate_options(factory.options, TINY_GRID_OPTIONS.get(name, {}), "options")
     extra = {"teacher": tiny_teacher()} if factory.needs_teacher else {}
-    return factory(backbone, validate_options(factory.options, {}, "options"), StageContext(0, 4, 4, 1, 0, 0),
-                   **extra)
+    return factory(backbone, options, StageContext(0, 4, 4, 1, 0, 0), **extra)
 
 
 def one_step(objective: Objective, step: int = 0) -> dict:
