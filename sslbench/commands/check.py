@@ -42,6 +42,9 @@ def _check(path: str, allow_missing: bool, overrides: Sequence[str]) -> int:
 
     if checkpoint and not Path(checkpoint).is_file():
         print(f"# warning: backbone.checkpoint {checkpoint} is not on this machine")
+    for i, stage in enumerate(recipe.stages):
+        if stage.teacher is not None and not Path(stage.teacher.checkpoint).is_file():
+            print(f"# warning: stages[{i}].teacher.checkpoint {stage.teacher.checkpoint} is not on this machine")
     with torch.device("meta"):
         context = RunContext.build(recipe, registry, data="none", load_weights=False, accelerator=False)
         backbone = context.backbone
@@ -61,6 +64,11 @@ def _check(path: str, allow_missing: bool, overrides: Sequence[str]) -> int:
                   f"layer decay {stage.layer_decay:g}, EMA {stage.ema_momentum:g}")
             print(f"    objective modules {_millions(heads)}; trainable {_millions(trainable)} of "
                   f"{_millions(_count(named.values()))}; frozen: {', '.join(stage.freeze) or 'nothing'}")
+            if stage.teacher is not None and not carried_over:
+                network = objective.teacher.network
+                print(f"    teacher {stage.teacher.model}: {_millions(_count(network.parameters()))} parameters, "
+                      f"{network.depth} blocks, width {network.embed_dim}, frozen (not trained, not in "
+                      f"checkpoints); {stage.teacher.checkpoint} ({stage.teacher.checkpoint_format})")
     for e, evaluator in zip(recipe.eval, context.evaluators):
         opts = ", ".join(f"{k}={v}" for k, v in {"use_ema": e.use_ema, **e.options}.items())
         print(f"Evaluate {e.name}: {opts} ({len(evaluator.requests(backbone.depth))} feature request(s))")

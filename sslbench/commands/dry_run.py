@@ -106,7 +106,8 @@ def dry_run_recipe(path: str, seed: int | None = None, overrides: Sequence[str] 
 def _dry_run(recipe: Recipe, registry, path: str, start: float) -> None:
     torch.manual_seed(recipe.run.seed)
     context = RunContext.build(recipe, registry, data="synthetic", synthetic=synthetic_dataset,
-                               load_weights=Path(recipe.backbone.checkpoint or "").is_file())
+                               load_weights=Path(recipe.backbone.checkpoint or "").is_file(),
+                               teacher_weights="present")
     backbone, accelerator = context.backbone, context.accelerator
     note = _checkpoint_note(recipe, registry, backbone)
     dataset, info = context.datasets["train"], context.data
@@ -139,6 +140,12 @@ def _dry_run(recipe: Recipe, registry, path: str, start: float) -> None:
               f"of {_millions(sum(p.numel() for p in named.values()))}{ema}; "
               f"{len(trainer.optimizer.param_groups)} param groups; loss {records[-1]['loss']:.4f}; "
               f"{time.perf_counter() - began:.1f} s")
+        if stage.teacher is not None and not carried:
+            teacher = stage.teacher
+            size = _millions(sum(p.numel() for p in objective.teacher.network.parameters()))
+            loaded = "loaded" if Path(teacher.checkpoint).is_file() else "not on this machine, weights random"
+            print(f"    teacher {teacher.model}: {size} parameters, frozen; checkpoint {teacher.checkpoint} "
+                  f"(format {teacher.checkpoint_format}): {loaded}")
         trainer = None
     for e, evaluator in zip(recipe.eval, context.evaluators):
         print(f"Evaluate {e.name}{' (EMA)' if e.use_ema else ''}: built, "

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from sslbench.core.data2vec2 import convert_data2vec2, describe_blocks
 from sslbench.core.errors import UserError
+from sslbench.core.state_dicts import entry as _entry, strip as _strip, tensors as _tensors
 
 if TYPE_CHECKING:
     from sslbench.core.backbone import Backbone
@@ -90,26 +91,6 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     pooling: list[str] = field(default_factory=list)
-
-
-def _tensors(obj: Any, what: str) -> dict[str, Tensor]:
-    if not isinstance(obj, Mapping):
-        raise UserError(f"expected a state dict ({what}), found a {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-
-
-def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """Remove ``prefix`` when every key has it (DistributedDataParallel's ``module.``, fairseq's ``model.``)."""
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def _entry(obj: Any, key: str) -> Any:
-    """``obj[key]`` when the file wraps its weights under ``key``, else the file itself (a bare state dict)."""
-    if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-        return obj[key]
-    return obj
 
 
 def convert_timm(obj: Any) -> dict[str, Tensor]:

@@ -32,6 +32,7 @@ from typing import Any
 from torch import Tensor
 
 from sslbench.core.errors import UserError
+from sslbench.core.state_dicts import entry as _entry, strip as _strip, tensors as _tensors
 
 PREFIX = "modality_encoders.IMAGE."
 #: the prenet: blocks of the image encoder's context encoder, run before the main ``blocks``
@@ -80,8 +81,6 @@ def unwrap(obj: Any) -> tuple[dict[str, Tensor], bool]:
     and, in a fine-tuned file, the ``model.`` of the encoder's keys — only those: its ``fc_norm`` and ``head`` sit
     beside ``model``, which is why the prefix cannot be stripped only when every key has it.
     """
-    from sslbench.core.checkpoints import _entry, _strip, _tensors  # deferred: checkpoints imports this module
-
     state = _strip(_tensors(_entry(obj, "model"), "data2vec 2.0 weights under 'model'"), "module.")
     nested = [k for k in state if k.startswith(FINETUNED_PREFIX)]
     if not nested:

@@ -228,3 +228,61 @@ def mae_loss(pred: torch.Tensor, target_patches: torch.Tensor, mask: torch.Tenso
         target = (target - mean) / (var + eps) ** 0.5
     per_patch = ((pred - target) ** 2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
+
+
+# --- MimCo-style (Zhou et al., ACM MM 2022, arXiv 2209.03063) ------------------------------------------------------
+# Logits in fp32 whatever the autocast dtype (unit_fp32, fp32_einsum), as every contrastive loss here.
+
+
+def _fp32_infonce(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """``CE(norm(q) @ norm(k).T / τ, targets)`` with fp32 logits; gradients flow to both sides."""
+    return F.cross_entropy(fp32_einsum("qd,kd->qk", unit_fp32(queries), unit_fp32(keys)) / temperature, targets)
+
+
+def mimco_image_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                     rank: int | None = None) -> torch.Tensor:
+    """MimCo's image-level loss: InfoNCE of the student's projected CLS ``(B, D)`` against the (detached) teacher
+    CLS; row b's positive is teacher row b (``rank*B + b`` when ``teacher`` is gathered over processes,
+    ``(W*B, D)``), the other teacher rows are its negatives. fp32 logits.
+
+    >>> s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> round(mimco_image_loss(s, s, 1.0).item(), 4)   # log(1 + e^-1)
+    0.3133
+    """
+    targets = _positive_columns(len(student), len(teacher), rank, student.device)
+    return _fp32_infonce(student, teacher.detach(), targets, temperature)
+
+
+def mimco_patch_loss(student: torch.Tensor, teacher: torch.Tensor, masked: torch.Tensor, temperature: float,
+                     negatives: str = "batch", keys: torch.Tensor | None = None,
+                     key_offset: int = 0) -> torch.Tensor:
+    """MimCo's patch-level loss: the student's prediction at each masked position must pick out the (detached)
+    teacher feature at the same position. ``student`` ``(B, N, D)``, ``teacher`` ``(B, N, D)``, ``masked``
+    ``(B, N)`` bool. fp32 logits, mean over the masked positions.
+
+    ``negatives="batch"``: the keys are the teacher features at every masked position of the batch, in the order of
+    ``teacher[masked]``; ``keys`` may give them gathered over processes (all processes' ``teacher[masked]`` rows,
+    in rank order), with this process's rows starting at ``key_offset`` (the masked positions of the lower ranks:
+    masks may mask different numbers of patches). ``negatives="image"``: the keys of a query are the teacher
+    features at the masked positions of its own image.
+    """
+    masked = _require_masked(masked)
+    if negatives == "image":
+        if keys is not None:
+            raise ValueError("negatives='image' takes no gathered keys")
+        logits = fp32_einsum("bid,bjd->bij", unit_fp32(student), unit_fp32(teacher.detach())) / temperature
+        logits = logits.masked_fill(~masked[:, None, :], float("-inf"))      # visible positions are no keys
+        positions = torch.arange(student.shape[1], device=student.device).expand_as(masked)
+        return F.cross_entropy(logits[masked], positions[masked])
+    if negatives != "batch":
+        raise ValueError(f"negatives must be 'batch' or 'image', got {negatives!r}")
+    queries = student[masked]
+    keys = teacher[masked] if keys is None else keys
+    if not 0 <= key_offset <= len(keys) - len(queries):
+        raise ValueError(f"{len(queries)} queries from key {key_offset} do not fit the {len(keys)} keys")
+    targets = torch.arange(key_offset, key_offset + len(queries), device=student.device)
+    return _fp32_infonce(queries, keys.detach(), targets, temperature)
+
+
+__all__ += ["mimco_image_loss", "mimco_patch_loss"]

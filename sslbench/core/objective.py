@@ -80,18 +80,33 @@ class Objective(nn.Module):
     ``fixed_options`` names options that shape modules (head widths, blocks): when two consecutive stages use the
     same objective, the objective and its state (heads, queues, teachers) carry over and only the other options
     may change.
+
+    ``needs_teacher = True`` declares that the objective learns from a frozen pre-trained network, which the
+    recipe names in ``[stages.teacher]`` (a recipe without one is refused, and so is a teacher for an objective
+    that does not declare this). The trainer then builds it and passes it as ``teacher=`` — a
+    :class:`sslbench.core.teacher.FrozenTeacher`, available as ``self.teacher``: frozen, in eval mode, run without
+    gradient, outside the optimiser and the checkpoints.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     options: ClassVar[dict[str, Option]] = {}
     fixed_options: ClassVar[tuple[str, ...]] = ()
+    needs_teacher: ClassVar[bool] = False
 
-    def __init__(self, backbone: nn.Module, opts: dict[str, Any], context: StageContext):
+    def __init__(self, backbone: nn.Module, opts: dict[str, Any], context: StageContext,
+                 teacher: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.opts = dict(opts)
         self.context = context
+        if self.needs_teacher:
+            if teacher is None:
+                raise RecipeError(f"stages[{context.stage_index}].teacher",
+                                  f"objective {self.name!r} learns from a frozen teacher; none was given")
+            self.teacher = teacher
+        elif teacher is not None:
+            raise RecipeError(f"stages[{context.stage_index}].teacher", f"objective {self.name!r} takes no teacher")
 
     # --- what the objective needs -------------------------------------------------------------------------
     def views(self, data: DataInfo):

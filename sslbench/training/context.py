@@ -24,17 +24,25 @@ from sslbench.training.trainer import stage_length
 
 
 def build_objective(registry, recipe: Recipe, backbone, index: int, previous, context: StageContext,
-                    device: Any = None):
+                    device: Any = None, teacher_weights: bool | str = True):
     """The objective of stage ``index``: ``previous`` carried over (heads, queues, teachers; ``start_stage`` takes
     the new options) when the stage names the same objective, else a new one. A new one is initialised from a
-    seed of its own (``seed·1000 + index + 1``), so a resumed run builds exactly the same heads.
-    Returns ``(objective, carried)``."""
+    seed of its own (``seed·1000 + index + 1``), so a resumed run builds exactly the same heads. A stage with a
+    ``[stages.teacher]`` gets its frozen teacher built (and loaded, per ``teacher_weights``: see
+    :func:`sslbench.training.teacher.build_teacher`) and passed as ``teacher=``. Returns ``(objective, carried)``."""
     stage = recipe.stages[index]
     if previous is not None and previous.name == stage.objective:
         previous.start_stage(dict(stage.options), context)
         return previous, True
+    factory = registry.get("objective", stage.objective).factory
+    extra = {}
+    if stage.teacher is not None:
+        from sslbench.training.teacher import build_teacher
+
+        extra["teacher"] = build_teacher(stage.teacher, backbone, registry, f"stages[{index}].teacher",
+                                         teacher_weights)
     torch.manual_seed(recipe.run.seed * 1000 + index + 1)
-    objective = registry.get("objective", stage.objective).factory(backbone, dict(stage.options), context)
+    objective = factory(backbone, dict(stage.options), context, **extra)
     return (objective.to(device) if device is not None else objective), False
 
 
@@ -52,19 +60,24 @@ class RunContext:
     datasets: dict = field(default_factory=dict)
     data: DataInfo | None = None
     real_data: bool = False
+    #: how stage teachers get their weights: True (load; the file must be there), "present" (if it is), False
+    teacher_weights: bool | str = True
 
     @classmethod
     def build(cls, recipe: Recipe, registry, *, data: str = "load", load_weights: bool = True,
-              accelerator: bool = True, synthetic=None, training: bool = True) -> "RunContext":
+              accelerator: bool = True, synthetic=None, training: bool = True,
+              teacher_weights: bool | str | None = None) -> "RunContext":
         """``data``: ``"load"`` (the recipe's sources; evaluators checked against them), ``"synthetic"``
         (``synthetic(recipe, backbone)`` builds the training set) or ``"none"``. ``training=False`` (``eval``)
-        skips checking the stages against the data."""
+        skips checking the stages against the data. ``teacher_weights`` (default: ``load_weights``) says how
+        stage teachers are loaded (``"present"``: only files on this machine, as ``--dry-run`` does)."""
         if data == "load":   # a missing folder or an unreachable hub dataset fails before the model is built
             check_sources(recipe, registry)
         acc = make_accelerator(recipe) if accelerator else None
         backbone, report = build_model(recipe, registry, load_weights=load_weights)
         context = cls(recipe, registry, backbone, report, acc,
-                      build_evaluators(registry, recipe.eval, backbone.depth))
+                      build_evaluators(registry, recipe.eval, backbone.depth),
+                      teacher_weights=load_weights if teacher_weights is None else teacher_weights)
         if data == "load":
             context.datasets, context.real_data = load_datasets(recipe, registry, acc), True
             preflight_evaluators(recipe.eval, context.evaluators, context.datasets)
@@ -94,7 +107,7 @@ class RunContext:
         """:func:`build_objective` for stage ``index`` on this context's backbone and device."""
         device = self.accelerator.device if self.accelerator is not None else None
         return build_objective(self.registry, self.recipe, self.backbone, index, previous, self.stage_context(index),
-                               device)
+                               device, self.teacher_weights)
 
     def stage_objectives(self) -> Iterator[tuple[int, Any, bool]]:
         """``(index, objective, carried)`` for every stage, carrying objectives over as a run does."""

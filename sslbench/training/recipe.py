@@ -14,27 +14,21 @@ leaderboard rows are comparable only when their protocol hashes match.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from sslbench.core.errors import RecipeError, UserError
 from sslbench.core.evaluator import FEATURE_OPTIONS
 from sslbench.core.options import Option, validate_options
+from sslbench.training.recipe_toml import load_toml, to_toml
 from sslbench.training.spec import COSMETIC, COSMETIC_SECTIONS, Recipe, canonical_hash, hashed_form, protocol_hash, recipe_hash
 
 # The hashes live with the typed recipe; they are part of this module's API too.
 __all__ = ["resolve", "load_recipe", "load_toml", "to_toml", "check_run_name", "Recipe", "COSMETIC",
            "COSMETIC_SECTIONS", "canonical_hash",
            "hashed_form", "recipe_hash", "protocol_hash"]
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 RUN = {
     "name": Option(None, str, "run name: one folder name (letters, digits, _ . + = -); the run folder is "
@@ -80,6 +74,27 @@ BACKBONE = {
                          "init_values = 1e-5 } (docs/recipes.md)"),
 }
 
+# ``[stages.teacher]``: the architecture keys of [backbone] (so any backbone a recipe can build can teach) and the
+# weights, which a teacher must have. Built by :mod:`sslbench.training.teacher`.
+TEACHER = {
+    **{k: v for k, v in BACKBONE.items() if k not in ("img_size", "in_chans", "checkpoint", "checkpoint_trusted",
+                                                       "checkpoint_url")},
+    "img_size": Option(None, int, "input resolution (default: the student's, backbone.img_size: the teacher sees "
+                                  "the student's views)", min=8, nullable=True),
+    "in_chans": Option(None, int, "input channels (default: the student's)", min=1, nullable=True),
+    "checkpoint": Option(None, str, "the teacher's weights (path): any checkpoint format, e.g. an earlier run's "
+                                    "checkpoints/backbone.pt as format sslbench or sslbench_ema", required=True),
+    "checkpoint_trusted": Option(False, bool, "load teacher.checkpoint even though it pickles Python objects besides "
+                                              "tensors; only for a file from a trusted source"),
+    "checkpoint_url": Option(None, str, "where to get teacher.checkpoint (a URL); said when the file is missing",
+                             nullable=True),
+    "checkpoint_sha256": Option(None, str, "sha256 of the teacher's file, filled in from the file when the recipe "
+                                           "is resolved and part of the recipe hash (a changed file is another "
+                                           "recipe); give it to pin the file", nullable=True),
+}
+# keep [backbone]'s order of keys, with the hash last
+TEACHER = {k: TEACHER[k] for k in [*BACKBONE, "checkpoint_sha256"]}
+
 DATA = {
     "train": Option(None, dict, "training data: { source = ..., <source options> }", required=True),
     "test": Option(None, dict, "evaluation queries: { source = ..., <source options> }", required=True),
@@ -108,6 +123,9 @@ STAGE = {
     "optimizer": Option({}, dict, "optimizer table"),
     "schedule": Option({}, dict, "learning-rate schedule table"),
     "options": Option({}, dict, "the objective's own options"),
+    "teacher": Option(None, dict, "a frozen teacher network for the objective ([stages.teacher]: the [backbone] "
+                                  "keys and its checkpoint); only for objectives that learn from one (mimco)",
+                      nullable=True),
 }
 
 OPTIMIZER = {
@@ -167,31 +185,16 @@ def check_run_name(name: str, key: str = "run.name") -> str:
     return name
 
 
-def missing_checkpoint(path: str, url: str | None, recipe: str | None = None) -> str:
-    """What to say when ``backbone.checkpoint`` is not on this machine: where to get it, and how to check or try
-    the rest of the recipe without it."""
+def missing_checkpoint(path: str, url: str | None, recipe: str | None = None, key: str = "backbone.checkpoint") -> str:
+    """What to say when ``backbone.checkpoint`` (or another checkpoint ``key``) is not on this machine: where to get
+    it, and how to check or try the rest of the recipe without it."""
     get = (f"download it from {url} to that path (relative to the folder you launch from)" if url else
-           "set backbone.checkpoint to the weights file, or remove it to train from scratch")
+           f"set {key} to the weights file" + (", or remove it to train from scratch"
+                                               if key == "backbone.checkpoint" else ""))
     recipe = recipe or "RECIPE"
     return (f"file not found: {path} (from {Path.cwd()}); {get}. Without the file, `sslbench check {recipe} "
             f"--allow-missing-files` validates the rest and `sslbench run {recipe} --dry-run` takes one step on "
             "random weights")
-
-
-def load_toml(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not a UTF-8 text file (byte {exc.start}); a recipe is TOML, which is UTF-8") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML: {' '.join(str(exc).split())}") from None
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -222,7 +225,40 @@ def _resolve_source(registry, table: dict, key: str) -> dict:
     return {"source": source, **validate_options(data_source.options, table, key)}
 
 
-def _resolve_stages(registry, stages: Any) -> list[dict]:
+def _resolve_teacher(registry, objective, table: dict | None, key: str, check_files: bool,
+                     source: str | None) -> dict | None:
+    """A stage's teacher table validated, with ``checkpoint_sha256`` filled in from the file when it is here
+    (a missing file is an error unless ``check_files`` is off: ``check --allow-missing-files``, ``--dry-run``)."""
+    from sslbench.training.teacher import file_sha256
+
+    needs = getattr(objective, "needs_teacher", False)
+    if table is None:
+        if needs:
+            raise RecipeError(key, f"objective {objective.name!r} learns from a frozen teacher: add a "
+                                   "[stages.teacher] table with its model, checkpoint and checkpoint_format")
+        return None
+    if not needs:
+        raise RecipeError(key, f"objective {objective.name!r} takes no teacher; remove the [stages.teacher] table")
+    teacher = validate_options(TEACHER, table, key)
+    _plugin(registry, "checkpoint_format", teacher["checkpoint_format"], f"{key}.checkpoint_format")
+    path = Path(teacher["checkpoint"])
+    if path.is_file():
+        digest = file_sha256(path)
+        pinned = teacher["checkpoint_sha256"]
+        if pinned is not None and pinned.lower() != digest:
+            raise RecipeError(f"{key}.checkpoint_sha256", f"{path} has sha256 {digest}, the recipe pins {pinned}: "
+                                                          "the teacher file changed; restore it or update the pin")
+        teacher["checkpoint_sha256"] = digest
+    elif check_files:
+        message = missing_checkpoint(str(path), teacher["checkpoint_url"], source, f"{key}.checkpoint")
+        if teacher["checkpoint_format"] in ("sslbench", "sslbench_ema"):
+            message = message.replace("; set ", "; an sslbench run writes its checkpoints/backbone.pt when it ends: "
+                                                "run the teacher's recipe first, or set ", 1)
+        raise RecipeError(f"{key}.checkpoint", message)
+    return teacher
+
+
+def _resolve_stages(registry, stages: Any, check_files: bool = True, source: str | None = None) -> list[dict]:
     if not isinstance(stages, list) or not stages:
         raise RecipeError("stages", "expected at least one [[stages]] table")
     resolved, previous = [], None
@@ -231,9 +267,11 @@ def _resolve_stages(registry, stages: Any) -> list[dict]:
         if not isinstance(raw, dict):
             raise RecipeError(key, "expected a table")
         if previous is not None:
-            inherited = {k: v for k, v in previous.items() if k not in ("name", "options")}
+            inherited = {k: v for k, v in previous.items() if k not in ("name", "options", "teacher")}
             if raw.get("objective", previous["objective"]) == previous["objective"]:
                 inherited["options"] = previous["options"]
+                if "teacher" not in raw:          # a table given is taken whole, never merged with the last one
+                    inherited["teacher"] = previous["teacher"]
             raw = _merge(inherited, raw)
         stage = validate_options(STAGE, raw, key)
         stage["name"] = stage["name"] or f"stage{i}"
@@ -245,6 +283,12 @@ def _resolve_stages(registry, stages: Any) -> list[dict]:
         stage["schedule"] = validate_options(SCHEDULE, stage["schedule"], f"{key}.schedule")
         objective = _plugin(registry, "objective", stage["objective"], f"{key}.objective")
         stage["options"] = validate_options(objective.options, stage["options"], f"{key}.options")
+        stage["teacher"] = _resolve_teacher(registry, objective, stage["teacher"], f"{key}.teacher", check_files,
+                                            source)
+        if (previous is not None and previous["objective"] == stage["objective"]
+                and previous["teacher"] != stage["teacher"]):
+            raise RecipeError(f"{key}.teacher", f"cannot change while the {stage['objective']!r} objective carries "
+                                                "over from the previous stage (its heads are fitted to the teacher)")
         if stage["batch_size"] % stage["grad_accum"]:
             raise RecipeError(f"{key}.grad_accum", f"must divide batch_size {stage['batch_size']}")
         resolved.append(stage)
@@ -295,7 +339,7 @@ def resolve(raw: dict, registry, source: str | None = None, check_files: bool = 
         for name in ("mean", "std"):
             if data[name] is not None and backbone["in_chans"] and len(data[name]) != backbone["in_chans"]:
                 raise RecipeError(f"data.{name}", f"expected {backbone['in_chans']} values (backbone.in_chans)")
-        recipe["stages"] = _resolve_stages(registry, raw.get("stages"))
+        recipe["stages"] = _resolve_stages(registry, raw.get("stages"), check_files, source)
         recipe["eval"] = _resolve_evals(registry, raw.get("eval"))
         if any(e["use_ema"] for e in recipe["eval"]) and not recipe["stages"][-1]["ema_momentum"]:
             i = next(i for i, e in enumerate(recipe["eval"]) if e["use_ema"])
@@ -340,45 +384,3 @@ def load_recipe(path: str | os.PathLike, registry=None, check_files: bool = True
         where = f"{path} with " + " ".join(o.text for o in touching) if touching else str(path)
         raise exc.with_source(where) from None
     return recipe.with_overrides(tuple(o.text for o in parsed)) if parsed else recipe
-
-
-def to_toml(recipe: Recipe | dict) -> str:
-    """Write a resolved recipe back as TOML (None values are left out: TOML has no null); a recipe that came with
-    command-line overrides says so in a comment at the top."""
-    overrides = recipe.overrides if isinstance(recipe, Recipe) else ()
-    recipe = recipe.as_dict() if isinstance(recipe, Recipe) else recipe
-    lines: list[str] = []
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items() if x is not None) + " }"
-        raise TypeError(type(v))
-
-    def table(header: str, body: dict) -> None:
-        lines.append(header)
-        for k, v in body.items():
-            if v is not None and not (isinstance(v, dict) and k in ("optimizer", "schedule", "options")):
-                lines.append(f"{k} = {value(v)}")
-        lines.append("")
-
-    if overrides:
-        lines += ["# resolved by sslbench from the recipe file with these command-line overrides:",
-                  "#   " + " ".join(overrides), ""]
-    for section in ("run", "backbone", "data", "monitor"):
-        if section in recipe:
-            table(f"[{section}]", recipe[section])
-    for stage in recipe["stages"]:
-        table("[[stages]]", stage)
-        for sub in ("optimizer", "schedule", "options"):
-            table(f"[stages.{sub}]", stage[sub])
-    for evaluation in recipe["eval"]:
-        table("[[eval]]", evaluation)
-    return "\n".join(lines)

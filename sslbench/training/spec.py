@@ -23,6 +23,9 @@ from typing import Any, Mapping
 # Keys that do not change what is computed, left out of the recipe hash.
 COSMETIC = {"run": ("output_dir", "checkpoint_every", "log_every", "trackers"),
             "backbone": ("checkpoint_trusted", "checkpoint_url")}
+# The same keys of a stage's ``teacher`` table (``stages[i].teacher``) are cosmetic too. Its file's content is not:
+# ``checkpoint_sha256`` is filled in from the file and hashed, so a changed teacher file is another recipe.
+TEACHER_COSMETIC = ("checkpoint_trusted", "checkpoint_url")
 # Whole sections left out of the recipe hash: ``[monitor]`` only watches training (tests/test_monitor.py proves that a
 # monitored run trains bit-identically), and recipes written before it existed keep their hashes.
 COSMETIC_SECTIONS = ("monitor",)
@@ -96,6 +99,27 @@ class BackboneSpec:
 
 
 @dataclass(frozen=True)
+class TeacherSpec:
+    """``[stages.teacher]``: a frozen network the stage's objective learns from (MimCo's contrastive teacher). The
+    architecture keys are ``[backbone]``'s (``img_size`` and ``in_chans`` default to the student's); the weights are
+    required, and ``checkpoint_sha256`` is the file's content hash (filled in when the recipe is resolved)."""
+
+    model: str
+    img_size: int | None
+    patch_size: int | None
+    in_chans: int | None
+    embed_dim: int | None
+    depth: int | None
+    num_heads: int | None
+    pos_embed: str
+    checkpoint: str
+    checkpoint_format: str
+    checkpoint_trusted: bool
+    checkpoint_url: str | None
+    checkpoint_sha256: str | None
+
+
+@dataclass(frozen=True)
 class DataSpec:
     train: Mapping[str, Any]
     test: Mapping[str, Any]
@@ -141,6 +165,8 @@ class StageSpec:
     optimizer: OptimizerSpec
     schedule: ScheduleSpec
     options: Mapping[str, Any]
+    # default: a resolved recipe written before teachers existed (an old recipe.json) still builds
+    teacher: TeacherSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -202,7 +228,8 @@ class Recipe:
         stages = tuple(StageSpec(**{**s, "freeze": tuple(s["freeze"]),
                                     "optimizer": OptimizerSpec(**{**s["optimizer"],
                                                                   "betas": tuple(s["optimizer"]["betas"])}),
-                                    "schedule": ScheduleSpec(**s["schedule"]), "options": _readonly(s["options"])})
+                                    "schedule": ScheduleSpec(**s["schedule"]), "options": _readonly(s["options"]),
+                                    "teacher": TeacherSpec(**s["teacher"]) if s.get("teacher") else None})
                        for s in resolved["stages"])
         evals = tuple(EvalSpec(e["name"], e["use_ema"],
                                _readonly({k: v for k, v in e.items() if k not in ("name", "use_ema")}))
@@ -220,6 +247,9 @@ class Recipe:
     def as_dict(self) -> dict[str, Any]:
         """The canonical resolved form: plain dicts and lists, an ``[[eval]]`` table flat as in the file."""
         out = {name: _plain(getattr(self, name)) for name in ("run", "backbone", "data", "stages")}
+        for stage in out["stages"]:       # no teacher, no key: recipes written before teachers keep their form
+            if stage.get("teacher") is None:
+                stage.pop("teacher", None)
         out["eval"] = [{"name": e.name, "use_ema": e.use_ema, **_plain(e.options)} for e in self.eval]
         out["monitor"] = _plain(self.monitor)
         return out
@@ -259,6 +289,12 @@ def hashed_form(recipe: Mapping[str, Any] | Recipe) -> dict:
     for section, keys in COSMETIC.items():
         for key in keys:
             stripped.get(section, {}).pop(key, None)
+    for stage in stripped.get("stages", []):
+        if not stage.get("teacher"):
+            stage.pop("teacher", None)
+            continue
+        for key in TEACHER_COSMETIC:
+            stage["teacher"].pop(key, None)
     drop_compile_off(stripped.get("run", {}))
     # no model_args: hashed as before the key existed, so earlier recipes keep their hashes
     if not stripped.get("backbone", {}).get("model_args", True):

@@ -16,20 +16,29 @@ import torch
 from sslbench.core.backbone import build_backbone
 from sslbench.core.objective import DataInfo, Objective, StageContext
 from sslbench.core.options import validate_options
-from sslbench.core.registry import build_registry
+from sslbench.core.registry import get_registry
 from sslbench.core.rng import KeyedRandom
+from sslbench.core.teacher import FrozenTeacher
 from sslbench.core.objective import Batch
 
 from ..conftest import assert_declared
 from .test_mim_refiner import images
 
-REGISTRY = build_registry()
+REGISTRY = get_registry()
 OBJECTIVES = REGISTRY.names("objective")
 # 32 px in 4-px patches: 64 patch tokens, enough for every default mask ratio (MiCL keeps 10%: 3 per view).
 INFO = DataInfo(image_size=32, channels=1, mean=(0.5,), std=(0.5,), num_samples=64)
 # Defaults tied to 224-px images that cannot fit this 8x8 grid, scaled down (an objective refuses them with a
-# recipe error rather than bending them): ConMIM's official 75 block-masked patches of 196 → 24 of 64.
-TINY_GRID_OPTIONS = {"conmim": {"mask_patches": 24}}
+# recipe error rather than bending them): ConMIM's official 75 block-masked patches of 196 → 24 of 64; MimCo's
+# 32-px mask units (one unit would cover this 32-px image) → 8 px.
+TINY_GRID_OPTIONS = {"conmim": {"mask_patches": 24}, "mimco": {"mask_unit_px": 8}}
+
+
+def tiny_teacher() -> FrozenTeacher:
+    """A frozen teacher for objectives that declare ``needs_teacher``: another width than the student's (48), so a
+    head that forgets to map to the teacher's width fails; weights from the torch seed, as the student's."""
+    return FrozenTeacher(build_backbone("vit_tiny_patch16_224", img_size=INFO.image_size, patch_size=4, in_chans=1,
+                                        embed_dim=48, depth=2, num_heads=2, pos_embed="sincos"), "test")
 
 
 #: the tiny backbones every objective is run on: a plain ViT, and a BEiT with a shared relative position bias and
@@ -48,7 +57,8 @@ def build(name: str, seed: int = 0, backbone: str = "vit") -> Objective:
     encoder = build_backbone(model, img_size=INFO.image_size, patch_size=4, in_chans=1, embed_dim=32, depth=4,
                              num_heads=2, **extra)
     options = validate_options(factory.options, TINY_GRID_OPTIONS.get(name, {}), "options")
-    return factory(encoder, options, StageContext(0, 4, 4, 1, 0, 0))
+    extra = {"teacher": tiny_teacher()} if factory.needs_teacher else {}
+    return factory(encoder, options, StageContext(0, 4, 4, 1, 0, 0), **extra)
 
 
 def one_step(objective: Objective, step: int = 0) -> dict:
@@ -61,7 +71,7 @@ def one_step(objective: Objective, step: int = 0) -> dict:
 
 
 def test_the_seed_papers_objectives_are_registered():
-    assert {"mae", "mim_refiner", "mae_ct", "micl"} <= set(OBJECTIVES)
+    assert {"mae", "mim_refiner", "mae_ct", "micl", "conmim", "mimco"} <= set(OBJECTIVES)
 
 
 @pytest.mark.parametrize("name", OBJECTIVES)
