@@ -92,8 +92,8 @@ TEACHER = {
                                            "is resolved and part of the recipe hash (a changed file is another "
                                            "recipe); give it to pin the file", nullable=True),
 }
-# keep [backbone]'s order of keys, with the hash last
-TEACHER = {k: TEACHER[k] for k in [*BACKBONE, "checkpoint_sha256"]}
+# keep [backbone]'s order of keys, then the hash, then model_args (optional in TeacherSpec, hence last)
+TEACHER = {k: TEACHER[k] for k in [*(k for k in BACKBONE if k != "model_args"), "checkpoint_sha256", "model_args"]}
 
 DATA = {
     "train": Option(None, dict, "training data: { source = ..., <source options> }", required=True),

@@ -53,6 +53,12 @@ def _readonly(table: Mapping | None) -> Mapping | None:
     return None if table is None else MappingProxyType(copy.deepcopy(dict(table)))
 
 
+def _teacher(table: Mapping | None) -> "TeacherSpec | None":
+    if not table:
+        return None
+    return TeacherSpec(**{**table, "model_args": _readonly(table.get("model_args") or {})})
+
+
 def _plain(value: Any) -> Any:
     """Back to plain, JSON-able containers: dataclasses and mappings to dicts, tuples to lists."""
     if hasattr(value, "__dataclass_fields__"):
@@ -117,6 +123,7 @@ class TeacherSpec:
     checkpoint_trusted: bool
     checkpoint_url: str | None
     checkpoint_sha256: str | None
+    model_args: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -229,12 +236,13 @@ class Recipe:
                                     "optimizer": OptimizerSpec(**{**s["optimizer"],
                                                                   "betas": tuple(s["optimizer"]["betas"])}),
                                     "schedule": ScheduleSpec(**s["schedule"]), "options": _readonly(s["options"]),
-                                    "teacher": TeacherSpec(**s["teacher"]) if s.get("teacher") else None})
+                                    "teacher": _teacher(s.get("teacher"))})
                        for s in resolved["stages"])
         evals = tuple(EvalSpec(e["name"], e["use_ema"],
                                _readonly({k: v for k, v in e.items() if k not in ("name", "use_ema")}))
                       for e in resolved["eval"])
-        recipe = cls(RunSpec(**{**run, "trackers": tuple(run["trackers"])}), BackboneSpec(**{**backbone, "model_args": _readonly(backbone.get("model_args") or {})}),
+        recipe = cls(RunSpec(**{**run, "trackers": tuple(run["trackers"])}),
+                     BackboneSpec(**{**backbone, "model_args": _readonly(backbone.get("model_args") or {})}),
                      DataSpec(**{**data, "train": _readonly(data["train"]), "test": _readonly(data["test"]),
                                  "eval_train": _readonly(data["eval_train"]), "mean": _tuple(data["mean"]),
                                  "std": _tuple(data["std"])}),
@@ -295,6 +303,8 @@ def hashed_form(recipe: Mapping[str, Any] | Recipe) -> dict:
             continue
         for key in TEACHER_COSMETIC:
             stage["teacher"].pop(key, None)
+        if not stage["teacher"].get("model_args", True):
+            stage["teacher"].pop("model_args")
     drop_compile_off(stripped.get("run", {}))
     # no model_args: hashed as before the key existed, so earlier recipes keep their hashes
     if not stripped.get("backbone", {}).get("model_args", True):

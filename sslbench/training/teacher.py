@@ -42,6 +42,7 @@ def teacher_kwargs(spec: TeacherSpec, student, registry) -> dict:
     kwargs["img_size"] = spec.img_size or student.img_size
     kwargs["in_chans"] = spec.in_chans or student.in_chans
     kwargs["pos_embed"] = spec.pos_embed
+    kwargs["model_args"] = dict(spec.model_args)
     kwargs.update(registry.get("checkpoint_format", spec.checkpoint_format).factory.architecture)
     return kwargs
 
