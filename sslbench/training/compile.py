@@ -12,6 +12,10 @@ identity), so a 12-block encoder compiles one block graph per token count, not t
 Shapes are static (``dynamic=False``): a stage sees a few token counts (MAE: the kept tokens; MIM-Refiner: global and
 local crops), each compiled once, and static shapes give inductor the most to fuse.
 
+Two implementation choices come with it, both for the duration of the stage only: on the CPU the attention of the
+compiled blocks is written out (:func:`written_out_attention`), and the trainer builds AdamW with its fused kernel
+(:func:`sslbench.training.optim.build_optimizer`). A run without compile is untouched by either.
+
 Compilation is undone when the stage ends (:func:`compiled`): a module's compiled call is bound to that very module,
 so a ``copy.deepcopy`` of a compiled module (an EMA teacher made for the next stage) would call the original's
 weights; and evaluation runs eagerly on other batch sizes, where a compile would cost more than it saves. The online
@@ -78,17 +82,43 @@ def uncompile_modules(modules: list[nn.Module]) -> None:
 
 
 @contextmanager
+def written_out_attention(modules: list[nn.Module]) -> Iterator[int]:
+    """On the CPU, the attention of timm's blocks inside ``modules`` as written-out matmuls and softmax (timm's
+    non-fused path) for the duration of the block; yields how many attention modules were switched.
+
+    Why: PyTorch's fused CPU attention kernel is slow on short sequences — on the Fashion-MNIST ViT-Ti (5 tokens in
+    an MAE encoder, 17 in MiCL's) its forward and backward took 18% of an MAE step, and the written-out path,
+    which inductor then fuses (scale, softmax, dropout), makes the compiled step 1.03-1.16x faster than the compiled
+    step around the fused kernel (``benchmarks/bench_compile.py --ablations``). On a GPU the fused
+    (flash / memory-efficient) kernels stay: they are the fast path there.
+    """
+    switched = []
+    for module in modules:
+        for sub in module.modules():
+            if getattr(sub, "fused_attn", None) is True and all(p.device.type == "cpu" for p in sub.parameters()):
+                sub.fused_attn = False
+                switched.append(sub)
+    try:
+        yield len(switched)
+    finally:
+        for sub in switched:
+            sub.fused_attn = True
+
+
+@contextmanager
 def compiled(module: nn.Module, enabled: bool = True, mode: str = "default",
              backend: str | None = None) -> Iterator[list[nn.Module]]:
-    """Within the block, ``module``'s :func:`compile_targets` run compiled; afterwards eagerly again. Yields the
-    compiled modules (none when not ``enabled``)."""
+    """Within the block, ``module``'s :func:`compile_targets` run compiled (on the CPU with
+    :func:`written_out_attention`); afterwards eagerly again, as before. Yields the compiled modules (none when not
+    ``enabled``)."""
     if not enabled:
         yield []
         return
     targets = [m for m in compile_targets(module) if getattr(m, "_compiled_call_impl", None) is None]
     compile_modules(targets, mode, backend)
     try:
-        yield targets
+        with written_out_attention(targets):
+            yield targets
     finally:
         uncompile_modules(targets)
 

@@ -93,14 +93,22 @@ def param_groups(objective: nn.Module, backbone, stage: StageSpec, frozen: set[s
     return [{"params": ps, "lr_scale": s, "weight_decay": wd} for (s, wd), ps in sorted(groups.items())]
 
 
-def build_optimizer(groups: list[dict], stage: StageSpec, key: str = "stages[?]") -> torch.optim.Optimizer:
-    """AdamW or SGD over ``groups``; ``key`` (``stages[i]``) names the stage in errors."""
+def build_optimizer(groups: list[dict], stage: StageSpec, key: str = "stages[?]",
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``groups``; ``key`` (``stages[i]``) names the stage in errors.
+
+    ``fused`` (what ``run.compile`` asks for): AdamW's fused kernel, one pass over all parameters instead of a
+    sequence of multi-tensor operations — 3.4 against 18.4 ms a step for the Fashion-MNIST ViT-Ti on 2 CPU cores
+    (4% of an MAE step). It rounds differently in the last bits (~3e-8 after 5 steps), so it is not the eager
+    default: runs without compile stay bit-identical to earlier ones.
+    """
     opt = stage.optimizer
     if not groups:
         raise RecipeError(f"{key}.freeze", "every parameter is frozen: nothing to train")
     if opt.name == "sgd":
         return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum)
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+    extra = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, **extra)
 
 
 def base_lr(stage: StageSpec) -> tuple[float, float]:

@@ -76,7 +76,7 @@ class StageTrainer:
         backbone = objective.backbone
         self.frozen = frozen_names(objective, stage.freeze, backbone.depth, f"stages[{stage_index}].freeze")
         groups = param_groups(objective, backbone, stage, self.frozen)
-        self.optimizer = build_optimizer(groups, stage, f"stages[{stage_index}]")
+        self.optimizer = build_optimizer(groups, stage, f"stages[{stage_index}]", fused=recipe.run.compile)
         self.schedule = StageSchedule(self.optimizer, stage, self.total_steps, self.steps_per_epoch)
         self.model, self.optimizer = accelerator.prepare(objective, self.optimizer)
         self.views = objective.views(data_info)

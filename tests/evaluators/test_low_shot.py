@@ -64,12 +64,13 @@ def test_hand_written_gradient_equals_autograd_of_the_objective():
     x = torch.randn(stacks, rows, dims, generator=g, dtype=torch.float64)
     y = torch.randint(classes, (stacks, rows), generator=g)
     weights = torch.randn(stacks, dims, classes, generator=g, dtype=torch.float64)
-    loss, grad = logistic_loss_and_grad(weights, x, x.transpose(1, 2).contiguous(), y[..., None], penalty)
+    loss, grad_t = logistic_loss_and_grad(weights.transpose(1, 2).contiguous(), x, x.transpose(1, 2).contiguous(),
+                                          y[:, None, :], penalty)
     w = weights.clone().requires_grad_(True)
     expected = sum(F.cross_entropy(x[s] @ w[s], y[s]) + 0.5 * penalty * w[s].square().sum() for s in range(stacks))
     expected.backward()
     torch.testing.assert_close(loss, expected.detach())
-    torch.testing.assert_close(grad, w.grad)
+    torch.testing.assert_close(grad_t.transpose(1, 2), w.grad)
 
 
 def test_subsets_are_seeded_stratified_and_nested():
