@@ -181,6 +181,7 @@ COMMITTED_HASHES = {
     "recipes/fmnist/conmim.toml": ("b89b1886c8abb229", "9c59d53bf51c1160"),
     "recipes/fmnist/eval_suite.toml": ("46fbffd68982ef2b", "924a727ef6187618"),
     "recipes/fmnist/mae.toml": ("3ca4057234814d10", "9c59d53bf51c1160"),
+    "recipes/fmnist/mae_base.toml": ("5951a9a0c1f2f9d3", "e1e501e5a1bc4000"),
     "recipes/fmnist/maect.toml": ("3d4f7d44c96daa5b", "cf2738af423bf0bc"),
     "recipes/fmnist/maect_long.toml": ("6ca7fab6653ea361", "cf2738af423bf0bc"),
     "recipes/fmnist/micl.toml": ("37c86e31baf31a4a", "9c59d53bf51c1160"),
