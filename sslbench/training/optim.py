@@ -99,7 +99,7 @@ def build_optimizer(groups: list[dict], stage: StageSpec, key: str = "stages[?]"
 
     ``fused`` (what ``run.compile`` asks for): AdamW's fused kernel, one pass over all parameters instead of a
     sequence of multi-tensor operations — 3.4 against 18.4 ms a step for the Fashion-MNIST ViT-Ti on 2 CPU cores
-    (4% of an MAE step). It rounds differently in the last bits (~3e-8 after 5 steps), so it is not the eager
+    (~3% of an MAE step). It rounds differently in the last bits (~3e-8 after 5 steps), so it is not the eager
     default: runs without compile stay bit-identical to earlier ones.
     """
     opt = stage.optimizer
