@@ -22,6 +22,10 @@ per-sample keyed streams so that N processes pick what one process picks.
 **Loss.** Symmetric NNCLR (:func:`sslbench.core.losses.symmetric_nnclr_loss`): ½[CE(nn₁·p₀ᵀ/τ) + CE(nn₀·p₁ᵀ/τ)] with the
 predictions gathered over processes with gradient; τ 0.15 (B), 0.2 (L), 0.3 (H).
 
+**Logged signals** besides the loss: ``nn_acc`` (how often the looked-up neighbour has the sample's class — the
+labels are read for this log only), ``std_features`` and ``std_projected`` (per-dimension std of the L2-normalised
+encoder features and projections, × √d: ≈ 1 spread out, 0 collapsed).
+
 **Stages** (phase 1 is the MAE pre-training, e.g. the ``mae`` objective or an official checkpoint)::
 
     [[stages]]                         # phase 2: head preparation, encoder frozen
@@ -49,6 +53,7 @@ from torch import nn
 
 import sslbench
 from sslbench.core import distributed
+from sslbench.core.diagnostics import training_signals
 from sslbench.core.distributed import ignore_in_ddp
 from sslbench.core.losses import symmetric_nnclr_loss
 from sslbench.core.modules import EMA, NNQueue, convert_sync_batchnorm, mlp
@@ -120,12 +125,15 @@ class MAECT(Objective):
                 targets = [z.detach() for z in projected]
         ids = batch.index
         uniform = batch.rng.rand(2) if o["topk"] > 1 else None                          # (B, 2)
-        nn0, nn1 = (self.queue.lookup(t, ids, topk=o["topk"], uniform=None if uniform is None else uniform[:, v])
-                    for v, t in enumerate(targets))
+        (nn0, labels0), (nn1, labels1) = (
+            self.queue.lookup(t, ids, topk=o["topk"], uniform=None if uniform is None else uniform[:, v],
+                              return_labels=True) for v, t in enumerate(targets))
         loss = symmetric_nnclr_loss(nn0, nn1, predicted[0], predicted[1], o["temperature"])
         if self.training:
-            self.queue.enqueue(distributed.gather(targets[0]), distributed.gather(ids))
-        return {"loss": loss, "logs": {}}
+            self.queue.enqueue(distributed.gather(targets[0]), distributed.gather(ids),
+                               None if batch.labels is None else distributed.gather(batch.labels))
+        return {"loss": loss, "logs": training_signals(torch.cat([labels0, labels1]), batch.labels,
+                                                       features=torch.cat(features), projected=torch.cat(projected))}
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

@@ -31,6 +31,10 @@ uniform pick among the ``topk`` best (stage 3: 20). The pick is drawn from the s
 N processes pick exactly what one process picks. After the lookup view 0's z, gathered over processes, is enqueued
 (FIFO). Queues are buffers: saved with checkpoints and carried into the next stage of the same objective.
 
+**Logged signals** per head besides ``loss_<head>``: ``<head>_nn_acc`` (how often the neighbour looked up for a
+global view has the sample's class — the labels are read for this log only) and ``<head>_std_projected`` (the
+per-dimension std of the L2-normalised projections × √d: ≈ 1 spread out, 0 collapsed).
+
 **Stages** are recipe settings; two stages of one recipe share heads and queues::
 
     [[stages]]                 # stage 2 of the paper: heads only
@@ -61,6 +65,7 @@ from torch import nn
 
 import sslbench
 from sslbench.core import distributed
+from sslbench.core.diagnostics import training_signals
 from sslbench.core.distributed import ignore_in_ddp
 from sslbench.core.losses import nna_loss
 from sslbench.core.modules import NNQueue, convert_sync_batchnorm, mlp
@@ -233,16 +238,19 @@ class MIMRefiner(Objective):
             p = head.predictor(z)
             anchor = z[:g * batch_size].detach()                                    # teachers: global views
             u = uniform[:, h].T.reshape(-1) if uniform is not None else None       # view-major, like anchor
-            neighbour = head.queue.lookup(anchor, ids, topk=o["topk"], uniform=u)
+            neighbour, neighbour_labels = head.queue.lookup(anchor, ids, topk=o["topk"], uniform=u,
+                                                            return_labels=True)
             # (V·B, d) → (B, V, d), gathered over processes with gradient → (W·B, V, d)
             predictions = distributed.gather_with_grad(p.view(len(views), batch_size, -1).transpose(0, 1).contiguous())
             loss = sum(nna_loss(anchor[i * batch_size:(i + 1) * batch_size],
                                 neighbour[i * batch_size:(i + 1) * batch_size], predictions[:, j],
                                 o["temperature"]) for i, j in pairs) / len(pairs)
             if self.training:
-                head.queue.enqueue(distributed.gather(anchor[:batch_size]), distributed.gather(ids))
+                head.queue.enqueue(distributed.gather(anchor[:batch_size]), distributed.gather(ids),
+                                   None if batch.labels is None else distributed.gather(batch.labels))
             total = total + weights[h] * loss
             logs[f"loss_{name}"] = loss.detach()
+            logs.update(training_signals(neighbour_labels, batch.labels, prefix=f"{name}_", projected=z))
         return {"loss": total, "logs": logs}
 
 

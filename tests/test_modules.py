@@ -121,7 +121,7 @@ def test_queue_state_dict_round_trip():
     queue = NNQueue(size=5, dim=3, normalize=False)
     queue.enqueue(torch.randn(7, 3), torch.arange(7))
     state = queue.state_dict()
-    assert set(state) == {"values", "ids", "ptr", "filled"}
+    assert set(state) == {"values", "ids", "labels", "ptr", "filled"}
     copy = NNQueue(size=5, dim=3, normalize=False)
     copy.load_state_dict(state)
     x, ids = torch.randn(4, 3), torch.arange(4)
@@ -276,3 +276,29 @@ def test_queue_lookup_picks_the_fp32_nearest_neighbour_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = queue.lookup(queries, ids)
     assert torch.equal(mixed, plain)
+
+
+def test_queue_keeps_labels_with_entries_and_returns_the_chosen_ones():
+    queue = NNQueue(size=3, dim=2, normalize=False)
+    queue.enqueue(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([10, 11]), torch.tensor([4, 7]))
+    queue.enqueue(torch.tensor([[-1.0, 0.0], [0.0, -1.0]]), torch.tensor([12, 13]))   # no labels: stored as -1
+    assert queue.labels.tolist() == [-1, 7, -1]                                  # slot 0 overwritten by id 13
+    values, labels = queue.lookup(torch.tensor([[0.1, 1.0], [0.0, -2.0]]), torch.tensor([0, 1]),
+                                  return_labels=True)
+    assert torch.equal(values, torch.tensor([[0.0, 1.0], [0.0, -1.0]]))
+    assert labels.tolist() == [7, -1]
+    # the lookup is the same with or without labels returned
+    assert torch.equal(queue.lookup(torch.tensor([[0.1, 1.0]]), torch.tensor([0])), torch.tensor([[0.0, 1.0]]))
+    empty = NNQueue(size=3, dim=2, normalize=False)
+    assert empty.lookup(torch.ones(2, 2), return_labels=True)[1].tolist() == [-1, -1]
+
+
+def test_queue_state_without_labels_loads_with_unknown_labels():
+    """A checkpoint written before the queue kept labels resumes: same entries, labels unknown."""
+    queue = NNQueue(size=3, dim=2, normalize=False)
+    queue.enqueue(rows(1, 2), torch.tensor([1, 2]), torch.tensor([5, 6]))
+    old_state = {k: v for k, v in queue.state_dict().items() if k != "labels"}
+    restored = NNQueue(size=3, dim=2, normalize=False)
+    restored.load_state_dict(old_state)
+    assert torch.equal(restored.values, queue.values) and restored.ids.tolist() == [1, 2, -1]
+    assert restored.labels.tolist() == [-1, -1, -1]

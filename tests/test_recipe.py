@@ -184,9 +184,11 @@ COMMITTED_HASHES = {
     "recipes/fmnist/mae_base.toml": ("5951a9a0c1f2f9d3", "e1e501e5a1bc4000"),
     "recipes/fmnist/maect.toml": ("3d4f7d44c96daa5b", "cf2738af423bf0bc"),
     "recipes/fmnist/maect_long.toml": ("6ca7fab6653ea361", "cf2738af423bf0bc"),
+    "recipes/fmnist/maect_study.toml": ("42c26ed3a9821a2d", "e1e501e5a1bc4000"),
     "recipes/fmnist/micl.toml": ("37c86e31baf31a4a", "9c59d53bf51c1160"),
     "recipes/fmnist/mimco.toml": ("bace859343b984b0", "9c59d53bf51c1160"),      # teacher file absent
     "recipes/fmnist/mimrefiner.toml": ("e2fb26b078ed1d2f", "cf2738af423bf0bc"),
+    "recipes/fmnist/mimrefiner_study.toml": ("2ff0eca5d43cfc64", "e1e501e5a1bc4000"),
     "recipes/fmnist/refine_eval.toml": ("7466c2370c5e7fe2", "cf2738af423bf0bc"),
     "recipes/maect_vitl.toml": ("de0325e4b74f9229", "d37415a6f0c5b1dd"),
     "recipes/micl_vitl.toml": ("0fd6405ffa6f27d6", "d37415a6f0c5b1dd"),

@@ -29,8 +29,11 @@ class NNQueue(nn.Module):
 
     Used by MIM-Refiner (``normalize=False``: raw projector outputs are stored and returned) and MAE-CT
     (``normalize=True``: entries are stored L2-normalised). The state lives in buffers (``values``, ``ids``,
-    ``ptr``, ``filled``) so it is saved in checkpoints and carried from one stage to the next. Nothing here takes
-    part in autograd: inputs are detached and outputs never require grad.
+    ``labels``, ``ptr``, ``filled``) so it is saved in checkpoints and carried from one stage to the next. Nothing
+    here takes part in autograd: inputs are detached and outputs never require grad.
+
+    ``labels`` (−1 when unknown) serve one diagnostic only: how often the retrieved neighbour has the query's class
+    (``lookup(..., return_labels=True)``). The lookup itself never reads them.
 
     >>> queue = NNQueue(size=4, dim=2, normalize=False)
     >>> queue.enqueue(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([10, 11]))
@@ -40,6 +43,7 @@ class NNQueue(nn.Module):
 
     values: torch.Tensor
     ids: torch.Tensor
+    labels: torch.Tensor
     ptr: torch.Tensor
     filled: torch.Tensor
 
@@ -52,15 +56,22 @@ class NNQueue(nn.Module):
         self.normalize = normalize
         self.register_buffer("values", torch.zeros(size, dim))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))       # next slot to overwrite
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))    # slots holding real entries
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, normalize={self.normalize}"
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the queue kept labels resume with unknown labels (the lookups are unchanged).
+        state_dict.setdefault(prefix + "labels", torch.full_like(self.labels, -1))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def lookup(self, x: torch.Tensor, ids: torch.Tensor | None = None, topk: int = 1,
-               generator: torch.Generator | None = None, uniform: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, uniform: torch.Tensor | None = None,
+               return_labels: bool = False):
         """Return the stored neighbour ``(len(x), dim)`` of each row of ``x``.
 
         Similarity is the cosine between ``norm(x)`` and the normalised filled entries; an entry whose stored id
@@ -69,14 +80,16 @@ class NNQueue(nn.Module):
         among the ``topk`` best: from ``uniform`` when given (one number in [0, 1) per row — per-sample keyed
         numbers make N processes pick what one process picks), else from ``generator``. ``ids`` may have ``len(x) / V`` entries
         when ``x`` stacks V views of the same batch. An empty queue returns ``x`` itself (detached, normalised if
-        ``normalize``), i.e. the very first step degenerates to a plain contrastive step.
+        ``normalize``), i.e. the very first step degenerates to a plain contrastive step. ``return_labels=True``
+        also returns the stored labels of the chosen entries, ``(len(x),)`` (−1 for an empty queue).
         """
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
         x = x.detach()
         filled = int(self.filled)
         if filled == 0:
-            return F.normalize(x, dim=-1) if self.normalize else x.clone()
+            out = F.normalize(x, dim=-1) if self.normalize else x.clone()
+            return (out, torch.full((len(x),), -1, dtype=torch.long, device=x.device)) if return_labels else out
         # The ring buffer fills slots 0..size-1 in order, so the filled entries are always the first `filled`.
         stored = self.values[:filled]
         # fp32 with autocast off: under bf16 autocast the matmul would round the cosines to ~3 digits and pick
@@ -99,31 +112,36 @@ class NNQueue(nn.Module):
                 device = generator.device if generator is not None else best.device
                 pick = torch.randint(k, (len(best), 1), generator=generator, device=device).to(best.device)
             choice = best.gather(1, pick).squeeze(1)
+        if return_labels:
+            return stored[choice].to(x.dtype), self.labels[choice]
         return stored[choice].to(x.dtype)
 
     @torch.no_grad()
-    def enqueue(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+    def enqueue(self, x: torch.Tensor, ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
         """Append rows of ``x`` (the gathered view-0 vectors) with their dataset ids, overwriting the oldest.
 
-        ``ids=None`` stores −1 (no self-exclusion possible for those entries). If more rows than ``size`` arrive
-        at once, only the newest ``size`` are kept.
+        ``ids=None`` stores −1 (no self-exclusion possible for those entries), and so does ``labels=None``. If more
+        rows than ``size`` arrive at once, only the newest ``size`` are kept.
         """
         x = x.detach().to(self.values.dtype)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected rows of shape (n, {self.dim}), got {tuple(x.shape)}")
         if ids is None:
             ids = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
-        if len(ids) != len(x):
-            raise ValueError(f"{len(x)} rows but {len(ids)} ids")
+        if labels is None:
+            labels = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+        if len(ids) != len(x) or len(labels) != len(x):
+            raise ValueError(f"{len(x)} rows but {len(ids)} ids and {len(labels)} labels")
         if self.normalize:
             x = F.normalize(x, dim=-1)
         arriving = len(x)
-        x, ids = x[-self.size:], ids[-self.size:].to(self.ids.dtype)
+        x, ids, labels = x[-self.size:], ids[-self.size:].to(self.ids.dtype), labels[-self.size:].to(self.labels.dtype)
         # Place the kept rows where writing all arriving rows one by one would have left them.
         start = (int(self.ptr) + arriving - len(x)) % self.size
         slots = (start + torch.arange(len(x), device=self.values.device)) % self.size
         self.values[slots] = x.to(self.values.device)
         self.ids[slots] = ids.to(self.ids.device)
+        self.labels[slots] = labels.to(self.labels.device)
         self.ptr.fill_((int(self.ptr) + arriving) % self.size)
         self.filled.fill_(min(int(self.filled) + arriving, self.size))
 

@@ -17,7 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import sslbench
 from sslbench.cli import main
+from sslbench.core.diagnostics import normalized_std
 from sslbench.core.losses import symmetric_nnclr_loss
+from sslbench.core.objective import Batch
 from sslbench.core.objective import StageContext
 from sslbench.training.optim import frozen_names, param_groups
 from sslbench.core.options import validate_options
@@ -79,11 +81,29 @@ def test_pooling_and_symmetric_nnclr_loss_with_an_empty_queue(pooling):
     p = [objective.predictor(x) for x in z]
     # An empty queue returns the (normalised) query itself: plain NNCLR between the two views.
     want = symmetric_nnclr_loss(F.normalize(z[0]), F.normalize(z[1]), p[0], p[1], 0.15)
-    got = objective(views, batch)["loss"]
-    assert torch.allclose(got, want, atol=1e-5)
+    out = objective(views, batch)
+    assert torch.allclose(out["loss"], want, atol=1e-5)
+    # the collapse measures of the encoder features and the projections, both views stacked; no labels, no nn_acc
+    assert set(out["logs"]) == {"std_features", "std_projected"}
+    assert out["logs"]["std_projected"] == normalized_std(torch.cat(z))
+    assert out["logs"]["std_features"] == normalized_std(torch.cat(features))
     queue = objective.queue
     assert int(queue.filled) == 8 and torch.equal(queue.ids[:8], torch.arange(8))
     assert torch.allclose(queue.values[:8], F.normalize(z[0].detach()), atol=1e-5)   # L2-normalised view 0
+
+
+def test_neighbour_label_agreement_counts_both_views():
+    """Step 1 enqueues 8 samples of class 1; step 2's labels make half of the samples class 1, so each view's
+    neighbour (always class 1) agrees for half of the rows."""
+    objective = make(target_momentum=0.0)
+    views, batch = step_inputs(objective, images(8), torch.arange(8), 0)
+    objective(views, Batch(index=batch.index, rng=batch.rng, labels=torch.ones(8, dtype=torch.long)))
+    assert objective.queue.labels[:8].tolist() == [1] * 8
+    views, batch = step_inputs(objective, images(8), torch.arange(8, 16), 1)
+    labels = torch.tensor([1, 0] * 4)
+    out = objective(views, Batch(index=batch.index, rng=batch.rng, labels=labels))
+    assert out["logs"]["nn_acc"].item() == 0.5
+    assert objective.queue.labels[8:16].tolist() == labels.tolist()
 
 
 # ------------------------------------------------------------------------------------------------- stages

@@ -141,7 +141,8 @@ def _train_step(objective, stage_cfg, step=0):
 def test_frozen_encoder_stage_trains_heads_only():
     objective = make(depth=2, head_blocks=[0])
     out = _train_step(objective, stage(freeze=["backbone"]))
-    assert set(out["logs"]) == {"loss_out", "loss_block0"}
+    # no labels in the batch: the per-head losses and collapse measures, no neighbour agreement
+    assert set(out["logs"]) == {"loss_out", "loss_block0", "out_std_projected", "block0_std_projected"}
     assert all(p.grad is None for p in objective.backbone.parameters())
     for name, p in objective.heads.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -175,7 +176,7 @@ def test_queue_fills_with_view0_carries_over_stages_and_round_trips_state_dict()
     assert int(queue.filled) == 12 and int(queue.ptr) == 4
     assert sorted(queue.ids.tolist()) == list(range(4, 16))
     before = {k: v.clone() for k, v in objective.state_dict().items() if ".queue." in k}
-    assert len(before) == 2 * 4                               # values, ids, ptr, filled for both heads
+    assert len(before) == 2 * 5                               # values, ids, labels, ptr, filled for both heads
 
     objective.start_stage({**objective.opts, "topk": 20}, StageContext(1, 1, 1, 1, 0, 0))
     assert all(torch.equal(objective.state_dict()[k], v) for k, v in before.items())
@@ -295,3 +296,21 @@ def test_mimrefiner_heads_structure():
     predictor = mimrefiner_predictor(4, hidden=12)
     assert layer_types(predictor) == [nn.Linear, bn, gelu, nn.Linear, bn]
     assert [(lin.in_features, lin.out_features) for lin in linears(predictor)] == [(4, 12), (12, 4)]
+
+
+@pytest.mark.parametrize("second_label, expected", [(3, 1.0), (5, 0.0)])
+def test_neighbour_label_agreement_is_logged_per_head(second_label, expected):
+    """Step 1 fills every head's queue with class 3; step 2's neighbours are all of class 3, so the agreement is
+    1 for a batch of class 3 and 0 for one of class 5. The loss does not depend on the labels."""
+    objective = make(depth=2, head_blocks=[0])
+    index = torch.arange(8)
+    views, batch = step_inputs(objective, images(8), index, 0)
+    objective(views, Batch(index=index, rng=batch.rng, labels=torch.full((8,), 3)))
+    assert all(h.queue.labels[:8].tolist() == [3] * 8 for h in objective.heads.values())
+    views, batch = step_inputs(objective, images(8), index + 8, 1)
+    state = copy.deepcopy(objective.state_dict())
+    out = objective(views, Batch(index=index + 8, rng=batch.rng, labels=torch.full((8,), second_label)))
+    assert out["logs"]["out_nn_acc"].item() == expected and out["logs"]["block0_nn_acc"].item() == expected
+    objective.load_state_dict(state)
+    unlabelled = objective(views, batch)
+    assert torch.equal(unlabelled["loss"], out["loss"]) and "out_nn_acc" not in unlabelled["logs"]
