@@ -179,6 +179,7 @@ COMMITTED_HASHES = {
     "recipes/digits/maect.toml": ("ca7ce7c68fdab3fd", "8a1d1f20846650d4"),
     "recipes/digits/mimrefiner.toml": ("206b652439603a6a", "8a1d1f20846650d4"),
     "recipes/fmnist/conmim.toml": ("b89b1886c8abb229", "9c59d53bf51c1160"),
+    "recipes/fmnist/conmim_study.toml": ("6af771d4a6f893c1", "e1e501e5a1bc4000"),
     "recipes/fmnist/eval_suite.toml": ("46fbffd68982ef2b", "924a727ef6187618"),
     "recipes/fmnist/mae.toml": ("3ca4057234814d10", "9c59d53bf51c1160"),
     "recipes/fmnist/mae_base.toml": ("5951a9a0c1f2f9d3", "e1e501e5a1bc4000"),
@@ -186,6 +187,7 @@ COMMITTED_HASHES = {
     "recipes/fmnist/maect_long.toml": ("6ca7fab6653ea361", "cf2738af423bf0bc"),
     "recipes/fmnist/maect_study.toml": ("42c26ed3a9821a2d", "e1e501e5a1bc4000"),
     "recipes/fmnist/micl.toml": ("37c86e31baf31a4a", "9c59d53bf51c1160"),
+    "recipes/fmnist/micl_study.toml": ("e4fc90c5a6b6afe7", "e1e501e5a1bc4000"),
     "recipes/fmnist/mimco.toml": ("bace859343b984b0", "9c59d53bf51c1160"),      # teacher file absent
     "recipes/fmnist/mimrefiner.toml": ("e2fb26b078ed1d2f", "cf2738af423bf0bc"),
     "recipes/fmnist/mimrefiner_study.toml": ("2ff0eca5d43cfc64", "e1e501e5a1bc4000"),

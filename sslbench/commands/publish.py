@@ -2,7 +2,7 @@
 
 A user's runs live in ``runs/`` (git-ignored), so running a recipe never touches the reference results a clone
 ships with. Publishing a run copies what a reader needs to trust its numbers — the resolved recipe, the log, the
-metrics and per-sample predictions, the per-block table and plot — and leaves checkpoints, feature caches, tracker
+metrics and per-sample predictions, the per-block table and plot, the training-signals figure — and leaves checkpoints, feature caches, tracker
 logs and temporary files behind. The copy is made in a temporary folder and renamed into place, so an interrupted
 publish leaves no half-copied run.
 """
@@ -16,7 +16,7 @@ from sslbench.core.errors import UserError
 
 #: What a published run keeps.
 KEPT = ("recipe.toml", "recipe.json", "log.jsonl", "metrics.csv", "predictions.npz", "per_block.csv",
-        "per_block.png")
+        "per_block.png", "training.png")
 
 
 def publish_runs(run_dirs: list[str], destination: str = "results", force: bool = False) -> list[Path]:

@@ -100,19 +100,15 @@ def monitor_curve(run_dir: str | os.PathLike) -> list[tuple[float, float]]:
     as ``[(epoch, top-1), ...]``, the epochs counted over the whole run: a later stage's start from where the
     stage before it ended (its last logged epoch). Empty without monitor lines."""
     from sslbench.results.budget import read_log
+    from sslbench.results.training_plots import run_epochs
 
     lines = read_log(run_dir) or []
-    ended: dict[int, float] = {}
-    for record in lines:
-        if record.get("kind", "train") == "train" and isinstance(record.get("epoch"), (int, float)):
-            stage = int(record.get("stage", 0))
-            ended[stage] = max(ended.get(stage, 0.0), float(record["epoch"]))
+    offsets = run_epochs(lines)
     curve = []
     for record in lines:
         value, epoch = record.get("knn_top1"), record.get("epoch")
         if record.get("kind") == "monitor" and isinstance(value, (int, float)) and isinstance(epoch, (int, float)):
-            stage = int(record.get("stage", 0))
-            curve.append((sum(e for s, e in ended.items() if s < stage) + float(epoch), float(value)))
+            curve.append((offsets.get(int(record.get("stage", 0)), 0.0) + float(epoch), float(value)))
     return curve
 
 

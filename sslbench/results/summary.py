@@ -13,6 +13,7 @@ FILES = (
     ("metrics.csv", "every result, one row each"),
     ("predictions.npz", "per-sample records: intervals and paired tests in the leaderboard"),
     ("per_block.png", "k-NN accuracy per block (per_block.csv: the table)"),
+    ("training.png", "the training signals of log.jsonl: loss, neighbour agreement, collapse, online k-NN"),
     ("checkpoints/backbone.pt", "the trained encoder, for downstream recipes and `sslbench eval`"),
 )
 

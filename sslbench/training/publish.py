@@ -47,7 +47,7 @@ def dataset_label(recipe: Recipe) -> str:
 def publish_rows(run_dir: Path, rows: list[dict], runs_root: Path, results=(), test_labels=None) -> None:
     """Write a run's rows (``metrics.csv``; ``predictions.npz`` with the per-sample records of ``results`` — the
     ``(EvalSpec, MetricValue)`` pairs the rows were made from, in order — on ``test_labels``; the per-block table
-    and plot when it has per-block rows), refresh the leaderboard of the runs folder (``<runs_root>/leaderboard.md``)
+    and plot when it has per-block rows; the training-signals figure when it trained), refresh the leaderboard of the runs folder (``<runs_root>/leaderboard.md``)
     and tell the user, in words, what the run measured and where everything is. Shared by ``sslbench run`` and
     ``sslbench eval``."""
     from sslbench.results.leaderboard import refresh
@@ -55,9 +55,11 @@ def publish_rows(run_dir: Path, rows: list[dict], runs_root: Path, results=(), t
     from sslbench.results.metrics import write_metrics
     from sslbench.results.predictions import write_predictions
     from sslbench.results.summary import run_summary
+    from sslbench.results.training_plots import write_run_training
 
     records = [(row, value.per_sample) for row, (_, value) in zip(rows, results) if value.per_sample is not None]
     if records and test_labels is not None:
         write_predictions(run_dir, records, test_labels)
     write_run_per_block(run_dir, write_metrics(run_dir, rows))      # the run's rows in memory, not read back
+    write_run_training(run_dir)
     print(run_summary(run_dir, rows, leaderboard=refresh(runs_root)))
