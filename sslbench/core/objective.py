@@ -52,8 +52,8 @@ class Batch:
     ``index`` (B,): the samples' dataset indices (queue keys, self-exclusion ids). ``rng``: the keyed random streams
     of this optimiser step and these samples — every mask, noise or pick an objective draws must come from it, so
     that 1 or N processes, any gradient accumulation and a resumed run draw the same numbers per sample.
-    ``images`` (B, C, H, W) in [0, 1], before the views. ``labels`` are there for diagnostics only: a
-    self-supervised objective never reads them.
+    ``images`` (B, C, H, W) in [0, 1], before the views. ``labels`` are there for diagnostics only (``None``
+    when the training data is unlabelled): a self-supervised objective never reads them in its loss.
     """
 
     index: torch.Tensor

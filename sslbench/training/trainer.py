@@ -68,6 +68,10 @@ class StageTrainer:
         self.recipe = recipe
         self.dataset = dataset
         self.data_info = data_info
+        # Labels reach the objective (for its diagnostics only) when the training data has them: an unlabelled
+        # dataset stores -1, and a Batch without labels logs no neighbour agreement instead of NaN at every step.
+        labels = getattr(dataset, "labels", None)
+        self.labelled = labels is not None and len(labels) > 0 and bool((labels >= 0).all())
         self.loader_factory = loader_factory
         self.log = log
         self.monitor = monitor  # sslbench.training.monitor.Monitor or None
@@ -136,7 +140,8 @@ class StageTrainer:
                 host_rng = step_rng(seed, progress.global_step, batch["index"].cpu())
                 views = self.views(images, host_rng)
                 rng = host_rng.to(acc.device)
-                batch = Batch(index=loaded["index"], rng=rng, images=images, labels=loaded.get("labels"))
+                batch = Batch(index=loaded["index"], rng=rng, images=images,
+                              labels=loaded.get("labels") if self.labelled else None)
                 last = i == len(micro) - 1
                 context = acc.no_sync(self.model) if not last else nullcontext()
                 with context, acc.autocast():
