@@ -40,9 +40,9 @@ def test_normalized_std_is_one_on_the_sphere_and_zero_when_collapsed():
 
 
 def test_training_signals_names_and_values():
-    z = torch.randn(8, 4)
-    logs = training_signals(torch.tensor([1, 1]), torch.tensor([1, 0]), prefix="out_", projected=z)
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])   # per dimension: 1, 0, -1, 0 -> std √(2/3)
+    logs = training_signals(torch.tensor([1, 1]), torch.tensor([1, 0]), prefix="out_", projected=z * 5)
     assert set(logs) == {"out_std_projected", "out_nn_acc"}
     assert logs["out_nn_acc"].item() == 0.5
-    assert logs["out_std_projected"] == normalized_std(z)
+    assert logs["out_std_projected"].item() == pytest.approx(math.sqrt(2 / 3) * math.sqrt(2))
     assert set(training_signals(torch.tensor([1]), None, features=z)) == {"std_features"}

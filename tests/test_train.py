@@ -106,3 +106,32 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     state = load_resume_state(tmp_path / "runs" / "nan" / "checkpoints" / "last.pt")
     assert state["meta"]["progress"]["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["backbone"].values())
+
+
+def test_labels_reach_the_objective_for_its_logged_signals_only_when_the_data_has_them(tmp_path, tiny_recipe,
+                                                                                       write_recipe):
+    """A MAE-CT run on the labelled digits logs the neighbours' label agreement and the collapse measures with every
+    loss line — but at step 1, whose empty queue leaves the agreement unmeasured (NaN), the line leaves it out and
+    stays valid JSON. Data with a label of -1 counts as unlabelled (the trainer then passes no labels)."""
+    from sslbench.data.dataset import ImageDataset
+    from sslbench.training.trainer import is_labelled
+
+    recipe = copy.deepcopy(tiny_recipe)
+    recipe["run"].update(name="signals")
+    recipe["stages"] = [{"objective": "mae_ct", "steps": 4, "batch_size": 64, "optimizer": {"lr": 1e-3},
+                         "options": {"proj_hidden": 32, "proj_out": 8, "pred_hidden": 16, "queue_size": 128}}]
+    recipe["eval"] = []
+    assert main(["run", str(write_recipe(recipe)), "--no-progress"]) == 0
+    run_dir = tmp_path / "runs" / "signals"
+    text = (run_dir / "log.jsonl").read_text()
+    assert "NaN" not in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    train = [r for r in lines if r.get("kind", "train") == "train" and "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert "nn_acc" not in train[0] and train[0]["std_projected"] > 0
+    assert all(0.0 <= r["nn_acc"] <= 1.0 and r["std_projected"] > 0 and r["std_features"] > 0 for r in train[1:])
+    assert (run_dir / "training.png").stat().st_size > 5000
+    images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    assert is_labelled(ImageDataset(images, torch.tensor([0, 1, 2]), ["a", "b", "c"], "labelled", "f"))
+    assert not is_labelled(ImageDataset(images, torch.full((3,), -1), [], "unlabelled", "f"))
+    assert not is_labelled(ImageDataset(images, torch.tensor([0, -1, 2]), ["a", "b", "c"], "partly", "f"))

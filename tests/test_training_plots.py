@@ -39,6 +39,10 @@ def test_epochs_continue_over_stages(tmp_path):
     assert monitor.run_epoch.tolist() == [2.0, 5.0] and monitor.knn_top1.tolist() == [80.0, 81.0]
     # the leaderboard's learning curve counts the epochs the same way
     assert monitor_curve(tmp_path / "run") == [(2.0, 80.0), (5.0, 81.0)]
+    # a stage whose first monitor line comes before its first training line (a killed run, log_every > monitor step)
+    early = lines[:5] + [{"kind": "monitor", "stage": 1, "epoch": 0.0, "knn_top1": 79.0}]
+    assert run_epochs(early) == {0: 0.0, 1: 2.0}
+    assert signals_table(early).run_epoch.tolist()[-1] == 2.0
 
 
 def test_panels_follow_what_was_logged(tmp_path):
@@ -65,3 +69,7 @@ def test_training_png_is_written_for_trained_runs_only(tmp_path):
     (evaluated / "log.jsonl").write_text(json.dumps({"kind": "monitor", "epoch": 1.0, "knn_top1": 50.0}) + "\n")
     assert write_run_training(evaluated) is None and read_log(evaluated)            # no training lines
     assert not (evaluated / "training.png").exists()
+    bare = tmp_path / "bare"                                                         # training lines, no signal
+    bare.mkdir()
+    (bare / "log.jsonl").write_text(json.dumps({"stage": 0, "step": 1, "epoch": 0.5, "lr": 1e-3}) + "\n")
+    assert write_run_training(bare) is None

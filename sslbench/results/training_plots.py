@@ -29,14 +29,17 @@ COLLAPSE = re.compile(r"^(?:.+_)?std_.+$")
 
 
 def run_epochs(lines: list[dict]) -> dict[int, float]:
-    """Per stage, the epoch at which it starts when the epochs are counted over the whole run: the sum of the last
-    logged epochs of the stages before it."""
+    """Per stage that appears in ``lines`` (training or monitor lines), the epoch at which it starts when the epochs
+    are counted over the whole run: the sum of the last logged training epochs of the stages before it."""
     ended: dict[int, float] = {}
+    stages = set()
     for record in lines:
-        if record.get("kind", "train") == "train" and isinstance(record.get("epoch"), (int, float)):
+        if isinstance(record.get("epoch"), (int, float)):
             stage = int(record.get("stage", 0))
-            ended[stage] = max(ended.get(stage, 0.0), float(record["epoch"]))
-    return {stage: sum(e for s, e in ended.items() if s < stage) for stage in ended}
+            stages.add(stage)
+            if record.get("kind", "train") == "train":
+                ended[stage] = max(ended.get(stage, 0.0), float(record["epoch"]))
+    return {stage: sum(e for s, e in ended.items() if s < stage) for stage in stages}
 
 
 def signals_table(lines: list[dict]) -> pd.DataFrame:
@@ -78,7 +81,7 @@ def _panels(table: pd.DataFrame) -> list[tuple[str, str, list[str]]]:
 
 def write_run_training(run_dir: str | os.PathLike) -> Path | None:
     """``training.png`` beside ``run_dir/log.jsonl``: a panel per logged signal; ``None`` (nothing written) for a
-    run without training lines (``sslbench eval``)."""
+    run without training lines (``sslbench eval``) or without any signal to draw."""
     from sslbench.results.budget import read_log
     from sslbench.results.plots import pyplot, save_figure
 
@@ -87,6 +90,8 @@ def write_run_training(run_dir: str | os.PathLike) -> Path | None:
     if table.empty or not (table["kind"] == "train").any():
         return None
     panels = _panels(table)
+    if not panels:
+        return None
     plt = pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     try:

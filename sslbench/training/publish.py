@@ -5,6 +5,7 @@ plot, and the refreshed leaderboard. Used by ``sslbench run`` (:meth:`sslbench.t
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from sslbench.core.evaluator import format_variant
@@ -61,5 +62,8 @@ def publish_rows(run_dir: Path, rows: list[dict], runs_root: Path, results=(), t
     if records and test_labels is not None:
         write_predictions(run_dir, records, test_labels)
     write_run_per_block(run_dir, write_metrics(run_dir, rows))      # the run's rows in memory, not read back
-    write_run_training(run_dir)
+    try:
+        write_run_training(run_dir)
+    except Exception as exc:            # a figure must never cost the user the end of a finished run
+        warnings.warn(f"{run_dir}/training.png was not drawn: {exc}", stacklevel=2)
     print(run_summary(run_dir, rows, leaderboard=refresh(runs_root)))

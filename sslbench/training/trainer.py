@@ -11,6 +11,7 @@ processes; gradients are synchronised only on the last one.
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -56,6 +57,14 @@ def step_rng(seed: int, step: int, index: torch.Tensor) -> KeyedRandom:
     return KeyedRandom(seed, step, index)
 
 
+def is_labelled(dataset) -> bool:
+    """Whether every training image has a label. Labels reach the objective (for its diagnostics only) just then:
+    an unlabelled dataset stores -1, and a Batch without labels logs no neighbour agreement instead of a NaN at
+    every step."""
+    labels = getattr(dataset, "labels", None)
+    return labels is not None and len(labels) > 0 and bool((labels >= 0).all())
+
+
 class StageTrainer:
     """Trains one stage. ``save`` is called with (progress, reason) when a checkpoint is due."""
 
@@ -68,10 +77,7 @@ class StageTrainer:
         self.recipe = recipe
         self.dataset = dataset
         self.data_info = data_info
-        # Labels reach the objective (for its diagnostics only) when the training data has them: an unlabelled
-        # dataset stores -1, and a Batch without labels logs no neighbour agreement instead of NaN at every step.
-        labels = getattr(dataset, "labels", None)
-        self.labelled = labels is not None and len(labels) > 0 and bool((labels >= 0).all())
+        self.labelled = is_labelled(dataset)
         self.loader_factory = loader_factory
         self.log = log
         self.monitor = monitor  # sslbench.training.monitor.Monitor or None
@@ -172,8 +178,11 @@ class StageTrainer:
                           "global_step": progress.global_step, "epoch": progress.step / self.steps_per_epoch,
                           "loss": float(acc.reduce(loss_sum, "mean")),
                           "lr": lr, "images_per_s": window_images / max(elapsed, 1e-9)}
-                record.update({k: float(acc.reduce(torch.as_tensor(v, device=acc.device), "mean"))
-                               for k, v in logs_sum.items()})
+                logged = {k: float(acc.reduce(torch.as_tensor(v, device=acc.device), "mean"))
+                          for k, v in logs_sum.items()}
+                # An objective's diagnostic that could not be measured this step is NaN (e.g. a neighbour agreement
+                # on an empty queue): left out of the line, which stays valid JSON. The loss is checked above.
+                record.update({k: v for k, v in logged.items() if math.isfinite(v)})
                 self.log(record)
                 self.postfix.update(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                 bar.set_postfix(self.postfix)
