@@ -179,7 +179,7 @@ COMMITTED_HASHES = {
     "recipes/digits/maect.toml": ("ca7ce7c68fdab3fd", "8a1d1f20846650d4"),
     "recipes/digits/mimrefiner.toml": ("206b652439603a6a", "8a1d1f20846650d4"),
     "recipes/fmnist/conmim.toml": ("b89b1886c8abb229", "9c59d53bf51c1160"),
-    "recipes/fmnist/conmim_study.toml": ("6af771d4a6f893c1", "e1e501e5a1bc4000"),
+    "recipes/fmnist/conmim_study.toml": ("3da33fdb64800344", "e1e501e5a1bc4000"),
     "recipes/fmnist/eval_suite.toml": ("46fbffd68982ef2b", "924a727ef6187618"),
     "recipes/fmnist/mae.toml": ("3ca4057234814d10", "9c59d53bf51c1160"),
     "recipes/fmnist/mae_base.toml": ("5951a9a0c1f2f9d3", "e1e501e5a1bc4000"),
