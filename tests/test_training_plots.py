@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from sslbench.results.budget import read_log
+from sslbench.results.budget import read_log, run_epochs
 from sslbench.results.plots import monitor_curve
-from sslbench.results.training_plots import _panels, run_epochs, signals_table, write_run_training
+from sslbench.results.training_plots import _panels, signals_table, write_run_training
 
 
 def two_stage_log(run_dir, with_signals=True):

@@ -50,6 +50,20 @@ def read_log(run_dir: str | Path) -> list[dict] | None:
     return lines
 
 
+def run_epochs(lines: list[dict]) -> dict[int, float]:
+    """Per stage that appears in ``lines`` (training or monitor lines), the epoch at which it starts when the epochs
+    are counted over the whole run: the sum of the last logged training epochs of the stages before it."""
+    ended: dict[int, float] = {}
+    stages = set()
+    for record in lines:
+        if isinstance(record.get("epoch"), (int, float)):
+            stage = int(record.get("stage", 0))
+            stages.add(stage)
+            if record.get("kind", "train") == "train":
+                ended[stage] = max(ended.get(stage, 0.0), float(record["epoch"]))
+    return {stage: sum(e for s, e in ended.items() if s < stage) for stage in stages}
+
+
 def run_budget(run_dir: str | Path) -> Budget | None:
     """The budget of the run in ``run_dir``; ``None`` for a folder without training (``sslbench eval``)."""
     from sslbench.results.metrics import run_recipe

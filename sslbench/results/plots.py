@@ -99,8 +99,7 @@ def monitor_curve(run_dir: str | os.PathLike) -> list[tuple[float, float]]:
     """The online k-NN of a run (``"kind": "monitor"`` lines of its ``log.jsonl``, :mod:`sslbench.training.monitor`)
     as ``[(epoch, top-1), ...]``, the epochs counted over the whole run: a later stage's start from where the
     stage before it ended (its last logged epoch). Empty without monitor lines."""
-    from sslbench.results.budget import read_log
-    from sslbench.results.training_plots import run_epochs
+    from sslbench.results.budget import read_log, run_epochs
 
     lines = read_log(run_dir) or []
     offsets = run_epochs(lines)

@@ -21,25 +21,13 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["run_epochs", "signals_table", "write_run_training"]
+from sslbench.results.budget import read_log, run_epochs
+
+__all__ = ["signals_table", "write_run_training"]
 
 #: Logged keys of each panel (beyond ``loss`` and the monitor's ``knn_top1``).
 AGREEMENT = re.compile(r"^(?:.+_)?nn_acc$")
 COLLAPSE = re.compile(r"^(?:.+_)?std_.+$")
-
-
-def run_epochs(lines: list[dict]) -> dict[int, float]:
-    """Per stage that appears in ``lines`` (training or monitor lines), the epoch at which it starts when the epochs
-    are counted over the whole run: the sum of the last logged training epochs of the stages before it."""
-    ended: dict[int, float] = {}
-    stages = set()
-    for record in lines:
-        if isinstance(record.get("epoch"), (int, float)):
-            stage = int(record.get("stage", 0))
-            stages.add(stage)
-            if record.get("kind", "train") == "train":
-                ended[stage] = max(ended.get(stage, 0.0), float(record["epoch"]))
-    return {stage: sum(e for s, e in ended.items() if s < stage) for stage in stages}
 
 
 def signals_table(lines: list[dict]) -> pd.DataFrame:
@@ -82,7 +70,6 @@ def _panels(table: pd.DataFrame) -> list[tuple[str, str, list[str]]]:
 def write_run_training(run_dir: str | os.PathLike) -> Path | None:
     """``training.png`` beside ``run_dir/log.jsonl``: a panel per logged signal; ``None`` (nothing written) for a
     run without training lines (``sslbench eval``) or without any signal to draw."""
-    from sslbench.results.budget import read_log
     from sslbench.results.plots import pyplot, save_figure
 
     run_dir = Path(run_dir)
