@@ -73,7 +73,8 @@ def write_run_training(run_dir: str | os.PathLike) -> Path | None:
     from sslbench.results.plots import pyplot, save_figure
 
     run_dir = Path(run_dir)
-    table = signals_table(read_log(run_dir) or [])
+    lines = read_log(run_dir) or []
+    table = signals_table(lines)
     if table.empty or not (table["kind"] == "train").any():
         return None
     panels = _panels(table)
@@ -95,7 +96,7 @@ def write_run_training(run_dir: str | os.PathLike) -> Path | None:
             ax.grid(alpha=0.3)
             if len(columns) > 1:
                 ax.legend(fontsize=6, frameon=False)
-        for start in sorted(set(run_epochs(read_log(run_dir) or []).values()) - {0.0}):
+        for start in sorted(set(run_epochs(lines).values()) - {0.0}):
             for ax in axes[0]:
                 ax.axvline(start, color="grey", linewidth=0.6, linestyle=":")      # where a stage begins
         figure.suptitle(f"{run_dir.name}: training signals (log.jsonl)", fontsize=10)
