@@ -11,8 +11,8 @@ The hashes depend on torch's CPU kernels: after a torch upgrade, re-record with
 ``MKL_CBWR=COMPATIBLE python tests/test_view_identity.py --record`` on the unchanged code and check the diff touches
 only this file's data.
 
-They also depend on which code path MKL picks for the CPU it runs on: its vectorised math (``exp``, ``pow`` … that
-torch hands to MKL's VML) rounds differently on an AVX-512 Intel core than on an AMD one, and 35 of the digests
+They also depend on which code path MKL picks for the CPU it runs on: the vectorised math functions
+torch hands to MKL round differently on an AVX-512 Intel core than on an AMD one, and 35 of the digests
 changed between the two. Resume and N-process equality are properties of one machine; to pin the implementation
 across machines the digests are computed in a child process with ``MKL_CBWR=COMPATIBLE``, MKL's CPU-independent
 path (the variable is read when MKL loads, so it cannot be set in this already-running process).
